@@ -1,0 +1,52 @@
+// Kernel parameters: plain data filled by name in torch_binding.cpp. Strides are in elements.
+#pragma once
+
+#include <cstdint>
+
+#include "sched_meta.h"
+
+namespace vllm_flashmla {
+
+struct SchedParams {
+  const int32_t* cache_seqlens;  // [b]
+  SchedRecord* records;          // [num_sm_parts]
+  int32_t* num_splits;           // [b + 1], exclusive prefix sum of splits per request
+  int b;
+  int num_sm_parts;
+};
+
+struct DecodeParams {
+  const void* q;                  // [b, s_q, h_q, D_QK], last dim contiguous
+  const int32_t* block_table;     // [b, max_pages]
+  const int32_t* cache_seqlens;   // [b]
+  const SchedRecord* records;     // [num_sm_parts]
+  const int32_t* num_splits;      // [b + 1]
+  void* out;                      // [b, s_q, h_q, D_V], last dim contiguous
+  float* lse;                     // [b, h_q, s_q], natural log; +inf for rows that saw no key
+  float* o_accum;                 // [b + num_sm_parts, s_q * h_q, D_V] fp32 partials of split requests
+  float* lse_accum;               // [b + num_sm_parts, s_q * h_q] log2-domain partial LSE (-inf: empty)
+
+  int64_t stride_q_b, stride_q_s, stride_q_h;
+  int64_t stride_bt_b;
+  int64_t stride_o_b, stride_o_s, stride_o_h;
+  int64_t stride_lse_b, stride_lse_h;
+
+  int b, s_q, h_q;
+  int num_q_rows;        // s_q * h_q: query rows per request, packed (s_q major, h_q minor)
+  int num_sm_parts;
+  float scale_log2;      // softmax_scale * log2(e)
+  bool causal;
+};
+
+struct CombineParams {
+  const int32_t* num_splits;  // [b + 1]
+  const float* o_accum;       // [b + num_sm_parts, s_q * h_q, D_V]
+  const float* lse_accum;     // [b + num_sm_parts, s_q * h_q]
+  void* out;                  // [b, s_q, h_q, D_V]
+  float* lse;                 // [b, h_q, s_q]
+  int64_t stride_o_b, stride_o_s, stride_o_h;
+  int64_t stride_lse_b, stride_lse_h;
+  int b, s_q, h_q, num_q_rows;
+};
+
+}  // namespace vllm_flashmla

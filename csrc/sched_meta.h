@@ -1,0 +1,57 @@
+// The split-KV schedule: the one binary layout shared by the scheduler kernel, the decode kernel and
+// the Python model in vllm_flashmla/scheduler.py (tests compare the two bit for bit).
+//
+// The decode grid has `num_sm_parts` CTAs per 64-row query tile. Part p owns one contiguous run of
+// (request, page) pairs in request order: from page `begin_page` of request `begin_req` up to, but
+// not including, page `end_page` of request `end_req` (inclusive). A part with no work has
+// begin_req > end_req. A request covered by more than one part is "split": each part writes an fp32
+// partial for it into slot `num_splits[req] + k` (k-th part covering it) and the combine kernel merges
+// them; a request covered by one part is finished in place.
+#pragma once
+
+#include <cstdint>
+
+#include "config.h"
+
+#if defined(__CUDACC__)
+#define VLLM_FLASHMLA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define VLLM_FLASHMLA_HOST_DEVICE inline
+#endif
+
+namespace vllm_flashmla {
+
+struct SchedRecord {
+  int32_t begin_req;    // first request of this part
+  int32_t begin_page;   // first page of begin_req handled here (> 0 when begin_req continues a split)
+  int32_t end_req;      // last request of this part (inclusive); < begin_req when the part is idle
+  int32_t end_page;     // one past the last page of end_req handled here
+  int32_t begin_slot;   // partial-output slot of (this part, begin_req) = num_splits[begin_req] + k
+  int32_t reserved[3];  // zero; pads the record to 32 bytes so a CTA reads it with two 16-byte loads
+};
+
+constexpr int SCHED_RECORD_INTS = 8;
+static_assert(sizeof(SchedRecord) == SCHED_RECORD_INTS * sizeof(int32_t), "SchedRecord must stay 32 bytes");
+static_assert(alignof(SchedRecord) == alignof(int32_t), "SchedRecord is read as a plain int32 array");
+
+// Cost model: a request costs its pages plus this many page-equivalents of fixed work (loading Q,
+// the softmax epilogue, writing O and, when split, the fp32 partial and its combine). FlashMLA uses the
+// same value on H800; it keeps short requests from being split into pieces cheaper than their overhead.
+constexpr int FIXED_OVERHEAD_PAGES = 5;
+
+VLLM_FLASHMLA_HOST_DEVICE int num_pages_of(int seqlen) { return (seqlen + PAGE_SIZE - 1) / PAGE_SIZE; }
+
+// The pages of `req` that the part described by `rec` covers: [first_page, end_page).
+VLLM_FLASHMLA_HOST_DEVICE int first_page(const SchedRecord& rec, int req) {
+  return req == rec.begin_req ? rec.begin_page : 0;
+}
+VLLM_FLASHMLA_HOST_DEVICE int end_page(const SchedRecord& rec, int req, int num_pages) {
+  return req == rec.end_req ? rec.end_page : num_pages;
+}
+
+// Partial-output slot of `req` in this part (meaningful only when the request is split).
+VLLM_FLASHMLA_HOST_DEVICE int partial_slot(const SchedRecord& rec, int req, const int32_t* num_splits) {
+  return req == rec.begin_req ? rec.begin_slot : num_splits[req];
+}
+
+}  // namespace vllm_flashmla

@@ -1,0 +1,70 @@
+// Tile shapes, thread roles and the shared-memory plan of the sm90a decode kernel.
+//
+// One CTA owns a 64-row tile of packed query rows (row = s_q index * h_q + head) of one request at a
+// time and streams that request's KV pages through shared memory, one 64-token page per step:
+//
+//   warps 0-3  (warpgroup 0)  S[:, 0:32]  = Q K[0:32]^T,   O[:,   0:256] += P V[:,   0:256]
+//   warps 4-7  (warpgroup 1)  S[:, 32:64] = Q K[32:64]^T,  O[:, 256:512] += P V[:, 256:512]
+//   warp  8    (producer)     TMA loads of the next pages into a NUM_STAGES-deep ring
+//
+// The two MMA warpgroups split the QK^T work by keys and the PV work by value columns, so nothing is
+// computed twice; they exchange row maxima and share P through shared memory once per page.
+#pragma once
+
+#include <cstdint>
+
+#include "../config.h"
+
+namespace vllm_flashmla::sm90 {
+
+template <typename Element_>
+struct DecodeConfig {
+  using Element = Element_;
+  static_assert(sizeof(Element) == 2, "bf16/fp16 only");
+
+  static constexpr int BLOCK_M = 64;            // query rows per tile: the wgmma M
+  static constexpr int BLOCK_N = PAGE_SIZE;     // keys per mainloop step: one KV page (one TMA box row range)
+  static constexpr int SWIZZLE_BYTES = 128;     // TMA SWIZZLE_128B: a box row is 128 bytes
+  static constexpr int BOX_COLS = SWIZZLE_BYTES / int(sizeof(Element));  // 64 columns per box
+  static constexpr int SWIZZLE_ATOM_BYTES = 8 * SWIZZLE_BYTES;           // 8 rows share one XOR pattern
+  static constexpr int NUM_QK_BOXES = D_QK / BOX_COLS;                    // 9 boxes span a 576-wide row
+  static constexpr int NUM_V_BOXES = D_V / BOX_COLS;                      // the first 8 of them are V
+  static constexpr int TILE_BOX_BYTES = BLOCK_M * SWIZZLE_BYTES;          // one 64-row box
+  static constexpr int PAGE_BYTES = NUM_QK_BOXES * BLOCK_N * SWIZZLE_BYTES;
+  static constexpr int NUM_STAGES = 2;
+
+  static constexpr int NUM_MMA_WARPGROUPS = 2;
+  static constexpr int WARPGROUP_THREADS = 128;
+  static constexpr int NUM_MMA_THREADS = NUM_MMA_WARPGROUPS * WARPGROUP_THREADS;
+  static constexpr int NUM_PRODUCER_THREADS = 32;
+  static constexpr int NUM_THREADS = NUM_MMA_THREADS + NUM_PRODUCER_THREADS;
+
+  static constexpr int S_COLS_PER_WG = BLOCK_N / NUM_MMA_WARPGROUPS;     // 32 keys of S per warpgroup
+  static constexpr int O_COLS_PER_WG = D_V / NUM_MMA_WARPGROUPS;         // 256 value columns per warpgroup
+  static constexpr int V_BOXES_PER_WG = O_COLS_PER_WG / BOX_COLS;        // 4
+  static constexpr int MMA_K = 16;                                        // wgmma K for 16-bit inputs
+  static constexpr int QK_STEPS = D_QK / MMA_K;                           // 36
+  static constexpr int QK_STEPS_PER_BOX = BOX_COLS / MMA_K;               // 4
+  static constexpr int PV_STEPS = BLOCK_N / MMA_K;                        // 4
+  // Accumulator fragments: each thread of a warpgroup holds N/2 fp32 values of a 64xN wgmma tile.
+  static constexpr int S_FRAG = S_COLS_PER_WG / 2;                        // 16
+  static constexpr int O_FRAG = O_COLS_PER_WG / 2;                        // 128
+
+  static_assert(BLOCK_N == BOX_COLS, "P is one 128-byte swizzle box wide");
+  static_assert(D_QK % BOX_COLS == 0 && D_V % BOX_COLS == 0, "rows must split into whole boxes");
+  static_assert(O_COLS_PER_WG % BOX_COLS == 0, "each warpgroup owns whole V boxes");
+  static_assert(S_COLS_PER_WG % 8 == 0 && (S_COLS_PER_WG * SWIZZLE_BYTES) % SWIZZLE_ATOM_BYTES == 0,
+                "a warpgroup's key rows start on a swizzle-atom boundary");
+  static_assert(O_COLS_PER_WG <= 256, "wgmma N is at most 256");
+  static_assert(NUM_MMA_THREADS % 128 == 0, "wgmma needs whole warpgroups");
+};
+
+// Named barriers (id 0 is __syncthreads). All are among the NUM_MMA_THREADS consumer threads.
+enum class NamedBarrier : uint32_t {
+  QReady = 1,    // Q of a new request is in shared memory
+  RowMax = 2,    // both warpgroups published their per-page row maxima
+  PReady = 3,    // P (and zeroed V tail rows) written: PV may read them
+  RowSum = 4,    // both warpgroups published their row sums
+};
+
+}  // namespace vllm_flashmla::sm90

@@ -1,0 +1,73 @@
+// Host side of the decode kernel: the TMA descriptor of the paged KV cache, the smem attribute and
+// the launch. Included once per element type by decode_<type>.cu.
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "../api.h"
+#include "decode_kernel.cuh"
+
+namespace vllm_flashmla::sm90 {
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point, so the extension needs no -lcuda.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// The cache as a 3-D tensor [num_pages][PAGE_SIZE][D_QK] (innermost first below), loaded as boxes of
+// [1 page][64 keys][64 columns] with 128-byte swizzling, the layout the wgmma descriptors expect.
+template <typename Config>
+cudaError_t make_kv_tensor_map(CUtensorMap* map, const void* k_cache, int64_t num_pages, int64_t stride_kv_page,
+                               int64_t stride_kv_token) {
+  auto encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorSymbolNotFound;
+  constexpr int ELEM = int(sizeof(typename Config::Element));
+  const cuuint64_t dims[3] = {cuuint64_t(D_QK), cuuint64_t(PAGE_SIZE), cuuint64_t(num_pages)};
+  const cuuint64_t strides[2] = {cuuint64_t(stride_kv_token * ELEM), cuuint64_t(stride_kv_page * ELEM)};
+  const cuuint32_t box[3] = {cuuint32_t(Config::BOX_COLS), cuuint32_t(Config::BLOCK_N), 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  constexpr CUtensorMapDataType DTYPE = std::is_same_v<typename Config::Element, cutlass::bfloat16_t>
+                                            ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                            : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUresult res = encode(map, DTYPE, 3,
+                              const_cast<void*>(k_cache), dims, strides, box, elem_strides,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <typename Element>
+cudaError_t launch_decode(const DecodeParams& params, const void* k_cache, int64_t num_pages, int64_t stride_kv_page,
+                          int64_t stride_kv_token, cudaStream_t stream) {
+  using Config = DecodeConfig<Element>;
+  constexpr int SMEM_BYTES = decode_smem_bytes<Config>();
+  static_assert(SMEM_BYTES <= SM90_MAX_SMEM_PER_CTA, "decode CTA exceeds sm90 shared memory");
+
+  CUtensorMap tmap_kv;
+  cudaError_t err = make_kv_tensor_map<Config>(&tmap_kv, k_cache, num_pages, stride_kv_page, stride_kv_token);
+  if (err != cudaSuccess) return err;
+
+  auto kernel = &decode_kernel<Config>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+  if (err != cudaSuccess) return err;
+  const int num_m_blocks = (params.num_q_rows + Config::BLOCK_M - 1) / Config::BLOCK_M;
+  const dim3 grid(num_m_blocks, params.num_sm_parts);
+  kernel<<<grid, Config::NUM_THREADS, SMEM_BYTES, stream>>>(params, tmap_kv);
+  return cudaGetLastError();
+}
+
+}  // namespace vllm_flashmla::sm90

@@ -1,0 +1,153 @@
+// Data movement and tensor-core work of one KV page: the only code that issues TMA and wgmma.
+#pragma once
+
+#include "../params.h"
+#include "primitives.h"
+#include "shared_storage.h"
+
+namespace vllm_flashmla::sm90 {
+
+// Position in the ring of KV stages; producer and consumers walk it in the same order.
+template <int NUM_STAGES>
+struct PipelineState {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == NUM_STAGES) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+template <typename Config>
+struct Mainloop {
+  using Element = typename Config::Element;
+  using Smem = SharedStorage<Config>;
+  using Atoms = GmmaAtoms<Element>;
+  using Pipeline = PipelineState<Config::NUM_STAGES>;
+
+  // Producer (one thread): stream pages [page_begin, page_end) of one request into the ring. Each page
+  // is 9 TMA boxes of [64 keys, 64 columns] completing on the stage's transaction barrier.
+  __device__ static void load_pages(Smem& smem, const CUtensorMap* tmap_kv, const int32_t* block_table_row,
+                                    int page_begin, int page_end, Pipeline& pipe) {
+    for (int page = page_begin; page < page_end; ++page) {
+      const int page_id = block_table_row[page];
+      Mbarrier::wait(&smem.kv_empty[pipe.stage], pipe.phase ^ 1);
+      Mbarrier::arrive_and_expect_tx(&smem.kv_full[pipe.stage], Config::PAGE_BYTES);
+#pragma unroll
+      for (int box = 0; box < Config::NUM_QK_BOXES; ++box) {
+        cute::SM90_TMA_LOAD_3D::copy(tmap_kv, &smem.kv_full[pipe.stage], CACHE_HINT_EVICT_FIRST,
+                                     smem.kv[pipe.stage][box], box * Config::BOX_COLS, 0, page_id);
+      }
+      pipe.advance();
+    }
+  }
+
+  // All MMA threads: the tile's Q rows of one request into shared memory, zero rows past s_q * h_q.
+  // Loads are issued all at once before any store so their latencies overlap.
+  __device__ static void load_q(Smem& smem, const DecodeParams& params, int req, int m_block, int tid) {
+    constexpr int CHUNK_ELEMS = 16 / int(sizeof(Element));
+    constexpr int CHUNKS_PER_ROW = D_QK / CHUNK_ELEMS;
+    constexpr int CHUNKS_PER_BOX_ROW = Config::BOX_COLS / CHUNK_ELEMS;
+    constexpr int TOTAL = Config::BLOCK_M * CHUNKS_PER_ROW;
+    static_assert(TOTAL % Config::NUM_MMA_THREADS == 0, "Q chunks split evenly over the MMA threads");
+    constexpr int PER_THREAD = TOTAL / Config::NUM_MMA_THREADS;
+
+    const Element* q_req = static_cast<const Element*>(params.q) + int64_t(req) * params.stride_q_b;
+    uint4 chunk[PER_THREAD];
+#pragma unroll
+    for (int it = 0; it < PER_THREAD; ++it) {
+      const int idx = it * Config::NUM_MMA_THREADS + tid;
+      const int r = idx / CHUNKS_PER_ROW, c = idx % CHUNKS_PER_ROW;
+      const int row = m_block * Config::BLOCK_M + r;
+      chunk[it] = make_uint4(0, 0, 0, 0);
+      if (row < params.num_q_rows) {
+        const int i = row / params.h_q, h = row % params.h_q;
+        chunk[it] = *reinterpret_cast<const uint4*>(q_req + i * params.stride_q_s + h * params.stride_q_h +
+                                                    c * CHUNK_ELEMS);
+      }
+    }
+#pragma unroll
+    for (int it = 0; it < PER_THREAD; ++it) {
+      const int idx = it * Config::NUM_MMA_THREADS + tid;
+      const int r = idx / CHUNKS_PER_ROW, c = idx % CHUNKS_PER_ROW;
+      char* box = reinterpret_cast<char*>(smem.q[c / CHUNKS_PER_BOX_ROW]);
+      *reinterpret_cast<uint4*>(box + swizzle_128b(r, c % CHUNKS_PER_BOX_ROW)) = chunk[it];
+    }
+    fence_view_async_shared();
+    named_barrier_sync(NamedBarrier::QReady, Config::NUM_MMA_THREADS);
+  }
+
+  // One warpgroup: s = Q K^T over this warpgroup's 32 keys of the page in `stage` (K = all 576 columns).
+  __device__ static void qk(Smem& smem, int stage, int wg, float (&s)[Config::S_FRAG]) {
+    const Element* k_rows = smem.kv[stage][0] + wg * Config::S_COLS_PER_WG * Config::BOX_COLS;
+    constexpr int BOX_ELEMS = Smem::BOX_ELEMS;
+    fence_accumulator(s);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int t = 0; t < Config::QK_STEPS; ++t) {
+      const int box = t / Config::QK_STEPS_PER_BOX;
+      const int k_bytes = (t % Config::QK_STEPS_PER_BOX) * Config::MMA_K * int(sizeof(Element));
+      const uint64_t desc_q = desc_advance(smem_desc_k_major(smem.q[box]), k_bytes);
+      const uint64_t desc_k = desc_advance(smem_desc_k_major(k_rows + box * BOX_ELEMS), k_bytes);
+      gmma<typename Atoms::QK>(desc_q, desc_k, s, t == 0 ? ScaleOut::Zero : ScaleOut::One);
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    fence_accumulator(s);
+  }
+
+  // One warpgroup: o += P V over the page's 64 keys, for this warpgroup's 256 value columns.
+  __device__ static void pv(Smem& smem, int stage, int wg, float (&o)[Config::O_FRAG]) {
+    const Element* v_cols = smem.kv[stage][wg * Config::V_BOXES_PER_WG];
+    fence_accumulator(o);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int t = 0; t < Config::PV_STEPS; ++t) {
+      const uint64_t desc_p = desc_advance(smem_desc_k_major(smem.p), t * Config::MMA_K * int(sizeof(Element)));
+      const uint64_t desc_v =
+          smem_desc_mn_major(v_cols + t * Config::MMA_K * Config::BOX_COLS, Config::TILE_BOX_BYTES);
+      gmma<typename Atoms::PV>(desc_p, desc_v, o, ScaleOut::One);
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    fence_accumulator(o);
+  }
+
+  // One warpgroup: its probabilities (fp32 accumulator layout, see softmax.cuh) as this warpgroup's
+  // 32 key columns of the P tile, rounded to the input type for the PV wgmma.
+  __device__ static void store_p(Smem& smem, const float (&p)[Config::S_FRAG], int wg, int wg_tid) {
+    const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
+    char* tile = reinterpret_cast<char*>(smem.p);
+#pragma unroll
+    for (int j = 0; j < Config::S_FRAG / 4; ++j) {
+      const int col = wg * Config::S_COLS_PER_WG + 8 * j + 2 * (lane % 4);
+      const int byte_in_chunk = (col % 8) * int(sizeof(Element));
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = r0 + 8 * half;
+        const auto pair = pack_pair<Element>(p[4 * j + 2 * half], p[4 * j + 2 * half + 1]);
+        *reinterpret_cast<uint32_t*>(tile + swizzle_128b(row, col / 8) + byte_in_chunk) = pair;
+      }
+    }
+  }
+
+  // Keys at or past the request's end hold whatever the cache page holds (NaN in our tests). Their
+  // probabilities are exactly 0, but 0 * NaN is NaN, so zero this warpgroup's V columns of those
+  // rows before PV. Only the request's last page can be partial.
+  __device__ static void zero_v_tail(Smem& smem, int stage, int wg, int first_dead_key, int wg_tid) {
+    constexpr int CHUNKS_PER_BOX_ROW = Config::SWIZZLE_BYTES / 16;
+    const int dead_rows = Config::BLOCK_N - first_dead_key;
+    const int total = dead_rows * Config::V_BOXES_PER_WG * CHUNKS_PER_BOX_ROW;
+    for (int idx = wg_tid; idx < total; idx += Config::WARPGROUP_THREADS) {
+      const int chunk = idx % CHUNKS_PER_BOX_ROW;
+      const int box = (idx / CHUNKS_PER_BOX_ROW) % Config::V_BOXES_PER_WG;
+      const int row = first_dead_key + idx / (CHUNKS_PER_BOX_ROW * Config::V_BOXES_PER_WG);
+      char* base = reinterpret_cast<char*>(smem.kv[stage][wg * Config::V_BOXES_PER_WG + box]);
+      *reinterpret_cast<uint4*>(base + swizzle_128b(row, chunk)) = make_uint4(0, 0, 0, 0);
+    }
+  }
+};
+
+}  // namespace vllm_flashmla::sm90

@@ -1,0 +1,106 @@
+// Thin device wrappers over the Hopper instructions the decode kernel uses. The instruction-level
+// pieces (wgmma atoms, TMA copies, mbarriers, the smem descriptor bitfield) come from CUTLASS/CuTe;
+// what is ours is how the tiles are laid out, which lives here once.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+#include <cute/arch/copy_sm90_desc.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/arch/mma_sm90_desc.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "config.h"
+
+namespace vllm_flashmla::sm90 {
+
+using cute::SM90::GMMA::Major;
+using cute::SM90::GMMA::ScaleOut;
+
+// Byte offset of (row, 16-byte chunk) inside a SWIZZLE_128B box: TMA writes, and wgmma reads, row r
+// at r * 128 bytes with its eight 16-byte chunks permuted by XOR with (r mod 8). Every manual write
+// into a TMA/wgmma tile (Q rows, P, zeroed V rows) goes through this function.
+__device__ __forceinline__ int swizzle_128b(int row, int chunk16) {
+  return row * 128 + ((chunk16 ^ (row & 7)) << 4);
+}
+
+// wgmma descriptor of a K-major SWIZZLE_128B tile (rows of 64 16-bit elements, 8-row atoms 1024 B
+// apart): Q and K in S = Q K^T, P in O += P V.
+__device__ __forceinline__ uint64_t smem_desc_k_major(const void* smem) {
+  cute::GmmaDescriptor desc;
+  desc.bitfield.start_address_ = cute::cast_smem_ptr_to_uint(smem) >> 4;
+  desc.bitfield.leading_byte_offset_ = 1;          // unused by swizzled K-major layouts
+  desc.bitfield.stride_byte_offset_ = 1024 >> 4;   // next 8-row atom
+  desc.bitfield.base_offset_ = 0;                  // tiles start on 1024-byte boundaries
+  desc.bitfield.layout_type_ = uint8_t(cute::SM90::GMMA::LayoutType::B128);
+  return desc.desc_;
+}
+
+// wgmma descriptor of an MN-major SWIZZLE_128B operand: V as the B of O += P V, where a page row
+// (one key) holds 64 value columns per box. Along N the next 64 columns are the next box
+// (`box_stride_bytes` away, the LBO); along K the next 8 keys are the next 1024-byte atom (the SBO).
+__device__ __forceinline__ uint64_t smem_desc_mn_major(const void* smem, int box_stride_bytes) {
+  cute::GmmaDescriptor desc;
+  desc.bitfield.start_address_ = cute::cast_smem_ptr_to_uint(smem) >> 4;
+  desc.bitfield.leading_byte_offset_ = box_stride_bytes >> 4;
+  desc.bitfield.stride_byte_offset_ = 1024 >> 4;
+  desc.bitfield.base_offset_ = 0;
+  desc.bitfield.layout_type_ = uint8_t(cute::SM90::GMMA::LayoutType::B128);
+  return desc.desc_;
+}
+
+// Advance a descriptor's start address by a byte offset (a K step inside a 128-byte swizzle row).
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, int bytes) { return desc + uint64_t(bytes >> 4); }
+
+// Two floats rounded to the 16-bit input type, packed low-then-high as wgmma and memory expect.
+template <typename Element>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  const Element pair[2] = {Element(lo), Element(hi)};
+  return *reinterpret_cast<const uint32_t*>(pair);
+}
+
+template <typename Element> struct GmmaAtoms;
+template <> struct GmmaAtoms<cutlass::bfloat16_t> {
+  using QK = cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_SS<Major::K, Major::K>;
+  using PV = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<Major::K, Major::MN>;
+};
+template <> struct GmmaAtoms<cutlass::half_t> {
+  using QK = cute::SM90::GMMA::MMA_64x32x16_F32F16F16_SS<Major::K, Major::K>;
+  using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<Major::K, Major::MN>;
+};
+
+// Issue one wgmma whose accumulator is a register array (the atoms take one reference per register).
+template <typename Atom, int N, size_t... I>
+__device__ __forceinline__ void gmma_impl(uint64_t desc_a, uint64_t desc_b, float (&acc)[N], ScaleOut scale,
+                                          std::index_sequence<I...>) {
+  Atom::fma(desc_a, desc_b, acc[I]..., scale);
+}
+template <typename Atom, int N>
+__device__ __forceinline__ void gmma(uint64_t desc_a, uint64_t desc_b, float (&acc)[N], ScaleOut scale) {
+  gmma_impl<Atom>(desc_a, desc_b, acc, scale, std::make_index_sequence<N>{});
+}
+
+template <int N>
+__device__ __forceinline__ void fence_accumulator(float (&acc)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(acc[i]);
+}
+
+__device__ __forceinline__ void named_barrier_sync(NamedBarrier id, int num_threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(uint32_t(id)), "r"(num_threads) : "memory");
+}
+
+// Make generic-proxy shared-memory writes visible to the async proxy (wgmma operand reads, TMA).
+__device__ __forceinline__ void fence_view_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+using Mbarrier = cutlass::arch::ClusterTransactionBarrier;
+
+// L2 policy for KV pages: each page is read by the few CTAs of one request at nearly the same time
+// and never again in this step, so let it leave L2 first.
+constexpr uint64_t CACHE_HINT_EVICT_FIRST = uint64_t(cute::TMA::CacheHintSm90::EVICT_FIRST);
+
+}  // namespace vllm_flashmla::sm90

@@ -1,0 +1,34 @@
+// Shared-memory plan of one decode CTA (~225 KiB of the 227 KiB a CTA may use on sm90).
+#pragma once
+
+#include "config.h"
+
+namespace vllm_flashmla::sm90 {
+
+template <typename Config>
+struct SharedStorage {
+  using Element = typename Config::Element;
+  static constexpr int BOX_ELEMS = Config::BLOCK_N * Config::BOX_COLS;
+
+  // Q tile of the current request: 9 SWIZZLE_128B boxes of [BLOCK_M rows, 64 cols].
+  alignas(1024) Element q[Config::NUM_QK_BOXES][BOX_ELEMS];
+  // Ring of KV pages, each as 9 boxes of [64 keys, 64 cols]; boxes 0..7 double as V.
+  alignas(1024) Element kv[Config::NUM_STAGES][Config::NUM_QK_BOXES][BOX_ELEMS];
+  // P = softmax numerators of the current page, [BLOCK_M rows, 64 keys], written by both warpgroups.
+  alignas(1024) Element p[BOX_ELEMS];
+  float row_max[Config::NUM_MMA_WARPGROUPS][Config::BLOCK_M];  // per-page maxima over each warpgroup's keys
+  float row_sum[Config::NUM_MMA_WARPGROUPS][Config::BLOCK_M];  // per-request sums over each warpgroup's keys
+  uint64_t kv_full[Config::NUM_STAGES];    // TMA landed a page (transaction barrier)
+  uint64_t kv_empty[Config::NUM_STAGES];   // every MMA thread is done reading the stage
+};
+
+// Dynamic shared memory is only guaranteed 16-byte aligned; the kernel aligns the base up to the
+// 1024 bytes SWIZZLE_128B needs, so the launch asks for that much slack.
+template <typename Config>
+constexpr int decode_smem_bytes() {
+  return int(sizeof(SharedStorage<Config>)) + 1024;
+}
+
+constexpr int SM90_MAX_SMEM_PER_CTA = 227 * 1024;
+
+}  // namespace vllm_flashmla::sm90

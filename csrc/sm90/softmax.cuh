@@ -1,0 +1,101 @@
+// Online softmax over the pages of one request, in the log2 domain.
+//
+// Register layout (wgmma accumulator of a 64xN tile): thread t of a warpgroup owns rows
+// r0 = 16 * (t / 32) + (t % 32) / 4 and r1 = r0 + 8; for every 8-column chunk j it holds columns
+// 8j + 2 * (t % 4) + {0, 1} at fragment indices 4j + {0, 1} (row r0) and 4j + {2, 3} (row r1).
+// A row is thus spread over the 4 threads of a quad, and over both warpgroups (each owns half the keys).
+#pragma once
+
+#include <cmath>
+
+#include "config.h"
+
+namespace vllm_flashmla::sm90 {
+
+template <typename Config>
+struct OnlineSoftmax {
+  static constexpr int ROWS = 2;  // rows per thread: r0 and r1 above
+  static constexpr int S_FRAG = Config::S_FRAG;
+
+  float scale_log2;       // softmax_scale * log2(e): scores become log2-domain logits
+  float row_max[ROWS];    // running max of raw scores over the keys seen so far (both warpgroups)
+  float row_sum[ROWS];    // this thread's share of sum(exp2(score * scale_log2 - row_max * scale_log2))
+
+  __device__ explicit OnlineSoftmax(float scale_log2_) : scale_log2(scale_log2_) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.f;
+    }
+  }
+
+  // Keys at or beyond a row's visible length get -inf (causal tail, page past the sequence end).
+  __device__ static void mask(float (&s)[S_FRAG], int first_key, const int (&visible)[ROWS], int lane) {
+#pragma unroll
+    for (int j = 0; j < S_FRAG / 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = first_key + 8 * j + 2 * (lane % 4) + e;
+        if (key >= visible[0]) s[4 * j + e] = -INFINITY;
+        if (key >= visible[1]) s[4 * j + 2 + e] = -INFINITY;
+      }
+    }
+  }
+
+  // Max of each row over this warpgroup's keys (reduced over the quad).
+  __device__ static void local_max(const float (&s)[S_FRAG], float (&mx)[ROWS]) {
+    mx[0] = mx[1] = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < S_FRAG / 4; ++j) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    }
+  }
+
+  // Fold in one page: `page_max` is the row max over all 64 keys of the page. Turns s into
+  // probabilities relative to the new running max and returns the factor O must be rescaled by.
+  // A row that has seen only masked keys keeps max = -inf; its probabilities and factors are 0.
+  __device__ void update(float (&s)[S_FRAG], const float (&page_max)[ROWS], float (&o_scale)[ROWS]) {
+    float max_scaled[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const float new_max = fmaxf(row_max[r], page_max[r]);
+      max_scaled[r] = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+      o_scale[r] = exp2f(row_max[r] * scale_log2 - max_scaled[r]);
+      row_max[r] = new_max;
+      row_sum[r] *= o_scale[r];
+    }
+#pragma unroll
+    for (int j = 0; j < S_FRAG / 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[4 * j + e] = exp2f(fmaf(s[4 * j + e], scale_log2, -max_scaled[0]));
+        s[4 * j + 2 + e] = exp2f(fmaf(s[4 * j + 2 + e], scale_log2, -max_scaled[1]));
+        row_sum[0] += s[4 * j + e];
+        row_sum[1] += s[4 * j + 2 + e];
+      }
+    }
+  }
+
+  // This warpgroup's share of each row's sum (reduced over the quad).
+  __device__ void quad_sum(float (&sum)[ROWS]) const {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      sum[r] = row_sum[r];
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+    }
+  }
+
+  // log2-domain LSE of a row with total sum `sum`, or -inf when the row attended to nothing.
+  __device__ float lse_log2(int r, float sum) const {
+    return sum > 0.f ? row_max[r] * scale_log2 + log2f(sum) : -INFINITY;
+  }
+};
+
+}  // namespace vllm_flashmla::sm90

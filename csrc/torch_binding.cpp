@@ -1,0 +1,158 @@
+// The only translation unit that sees torch: argument checks, params filled by name, op schemas.
+// Friendly validation lives in vllm_flashmla/interface.py; the checks here keep direct callers of
+// torch.ops.flashmla_kernels from reaching a kernel with a layout it cannot read.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstddef>
+#include <vector>
+
+#include "api.h"
+#include "config.h"
+#include "sched_meta.h"
+
+namespace vllm_flashmla {
+namespace {
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "flashmla_kernels: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+void check_int32_cuda(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+void get_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_sm_parts, const at::Tensor& records,
+                      const at::Tensor& num_splits) {
+  TORCH_CHECK(cache_seqlens.is_cuda(), "cache_seqlens must be a CUDA tensor");
+  check_int32_cuda(cache_seqlens, "cache_seqlens", cache_seqlens);
+  check_int32_cuda(records, "records", cache_seqlens);
+  check_int32_cuda(num_splits, "num_splits", cache_seqlens);
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.is_contiguous(), "cache_seqlens must be a contiguous [b]");
+  const int64_t b = cache_seqlens.size(0);
+  TORCH_CHECK(num_sm_parts >= 1, "num_sm_parts must be >= 1");
+  TORCH_CHECK(records.is_contiguous() && records.dim() == 2 && records.size(0) == num_sm_parts &&
+                  records.size(1) == SCHED_RECORD_INTS,
+              "records must be a contiguous [num_sm_parts, ", SCHED_RECORD_INTS, "] int32 tensor");
+  TORCH_CHECK(num_splits.is_contiguous() && num_splits.numel() == b + 1, "num_splits must be a contiguous [b + 1]");
+  if (b == 0) return;
+  const c10::cuda::CUDAGuard guard(cache_seqlens.device());
+  SchedParams params{};
+  params.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  params.records = reinterpret_cast<SchedRecord*>(records.data_ptr<int32_t>());
+  params.num_splits = num_splits.data_ptr<int32_t>();
+  params.b = int(b);
+  params.num_sm_parts = int(num_sm_parts);
+  check_cuda(run_scheduler(params, c10::cuda::getCurrentCUDAStream()), "scheduler launch");
+}
+
+void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,
+            const at::Tensor& cache_seqlens, const at::Tensor& records, const at::Tensor& num_splits,
+            double softmax_scale, bool causal, const at::Tensor& out, const at::Tensor& lse,
+            const at::Tensor& o_accum, const at::Tensor& lse_accum) {
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor");
+  TORCH_CHECK(q.dim() == 4 && q.size(3) == D_QK && q.stride(3) == 1, "q must be [b, s_q, h_q, ", D_QK,
+              "] with a contiguous last dim");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "q must be bf16 or fp16");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "k_cache and out must have q's dtype");
+  TORCH_CHECK(k_cache.is_cuda() && k_cache.device() == q.device(), "k_cache must be on q's device");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(1) == PAGE_SIZE && k_cache.size(2) == H_KV &&
+                  k_cache.size(3) == D_QK && k_cache.stride(3) == 1,
+              "k_cache must be [num_pages, ", PAGE_SIZE, ", ", H_KV, ", ", D_QK, "] with a contiguous last dim");
+  for (const at::Tensor* t : {&block_table, &cache_seqlens, &records, &num_splits}) check_int32_cuda(*t, "index tensor", q);
+  TORCH_CHECK(out.is_cuda() && out.device() == q.device() && out.is_contiguous(), "out must be contiguous on q's device");
+  TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
+              "lse must be a contiguous float32 tensor on q's device");
+  TORCH_CHECK(o_accum.is_contiguous() && o_accum.scalar_type() == at::kFloat && lse_accum.is_contiguous() &&
+                  lse_accum.scalar_type() == at::kFloat,
+              "o_accum/lse_accum must be contiguous float32");
+  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
+  const int64_t num_sm_parts = records.size(0);
+  TORCH_CHECK(o_accum.numel() >= (b + num_sm_parts) * s_q * h_q * D_V && lse_accum.numel() >= (b + num_sm_parts) * s_q * h_q,
+              "o_accum/lse_accum are too small for b + num_sm_parts partial slots");
+  TORCH_CHECK(q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 && q.stride(0) % 8 == 0 && aligned16(q),
+              "q rows must be 16-byte aligned");
+  TORCH_CHECK(k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 && aligned16(k_cache),
+              "k_cache pages and tokens must be 16-byte aligned (TMA)");
+  if (b == 0) return;
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  DecodeParams params{};
+  params.q = q.data_ptr();
+  params.block_table = block_table.data_ptr<int32_t>();
+  params.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  params.records = reinterpret_cast<const SchedRecord*>(records.data_ptr<int32_t>());
+  params.num_splits = num_splits.data_ptr<int32_t>();
+  params.out = out.data_ptr();
+  params.lse = lse.data_ptr<float>();
+  params.o_accum = o_accum.data_ptr<float>();
+  params.lse_accum = lse_accum.data_ptr<float>();
+  params.stride_q_b = q.stride(0);
+  params.stride_q_s = q.stride(1);
+  params.stride_q_h = q.stride(2);
+  params.stride_bt_b = block_table.stride(0);
+  params.stride_o_b = out.stride(0);
+  params.stride_o_s = out.stride(1);
+  params.stride_o_h = out.stride(2);
+  params.stride_lse_b = lse.stride(0);
+  params.stride_lse_h = lse.stride(1);
+  params.b = int(b);
+  params.s_q = int(s_q);
+  params.h_q = int(h_q);
+  params.num_q_rows = int(s_q * h_q);
+  params.num_sm_parts = int(num_sm_parts);
+  params.scale_log2 = float(softmax_scale * M_LOG2E);
+  params.causal = causal && s_q > 1;
+  const DType dtype = q.scalar_type() == at::kBFloat16 ? DType::BFloat16 : DType::Float16;
+  check_cuda(run_decode(params, dtype, k_cache.data_ptr(), k_cache.size(0), k_cache.stride(0), k_cache.stride(1),
+                        c10::cuda::getCurrentCUDAStream()),
+             "decode launch");
+}
+
+// The binary layout and constants the Python side mirrors (vllm_flashmla/_layout.py checks them).
+std::vector<int64_t> layout_info() {
+  return {int64_t(sizeof(SchedRecord)),
+          int64_t(offsetof(SchedRecord, begin_req)),
+          int64_t(offsetof(SchedRecord, begin_page)),
+          int64_t(offsetof(SchedRecord, end_req)),
+          int64_t(offsetof(SchedRecord, end_page)),
+          int64_t(offsetof(SchedRecord, begin_slot)),
+          FIXED_OVERHEAD_PAGES,
+          D_QK,
+          D_V,
+          PAGE_SIZE};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(flashmla_kernels, m) {
+  m.def(
+      "get_mla_metadata(Tensor cache_seqlens, int num_sm_parts, Tensor(a!) records, Tensor(b!) num_splits) -> ()");
+  m.def(
+      "decode(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, Tensor records, "
+      "Tensor num_splits, float softmax_scale, bool causal, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) o_accum, "
+      "Tensor(d!) lse_accum) -> ()");
+  m.def("layout_info() -> int[]", &layout_info);
+}
+
+TORCH_LIBRARY_IMPL(flashmla_kernels, CUDA, m) {
+  m.impl("get_mla_metadata", &get_mla_metadata);
+  m.impl("decode", &decode);
+}
+
+}  // namespace vllm_flashmla
+
+// `import flashmla_kernels` loads the library and thereby registers the ops above.
+PyMODINIT_FUNC PyInit_flashmla_kernels(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "flashmla_kernels", "vllm-flashmla CUDA kernels", -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,166 @@
+"""GPU tests of the decode kernels against vllm_flashmla.reference (skipped without an sm90 GPU).
+
+Also a script: `python tests/test_flash_mla.py` prints correctness and speed per shape, and
+`python tests/test_flash_mla.py --small` runs the small grid used under compute-sanitizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from mla_cases import compare, make_problem, seqlens_for  # noqa: E402
+
+from vllm_flashmla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+from vllm_flashmla.reference import mla_decode_reference  # noqa: E402
+from vllm_flashmla.scheduler import plan_splits  # noqa: E402
+from vllm_flashmla._layout import SchedRecord  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def run_ours(p):
+    b, s_q, h_q, _ = p.q.shape
+    meta, splits = get_mla_metadata(p.cache_seqlens, s_q * h_q, 1)
+    return flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512, meta, splits, causal=p.causal)
+
+
+def check_case(b, s_q, h_q, seqlen_kind, dtype, causal, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    p = make_problem(b, s_q, h_q, seqlens_for(seqlen_kind, b, gen), dtype, causal, seed)
+    out, lse = run_ours(p)
+    ref_out, ref_lse = mla_decode_reference(p.q, p.k_cache, p.block_table, p.cache_seqlens, causal=causal)
+    return compare(out, lse, ref_out, ref_lse, dtype)
+
+
+# A covering grid rather than the full product: every value of every axis appears, in combinations
+# that stress it (odd head counts with s_q > 1, zero lengths inside batches, long single requests).
+GRID = (
+    [(b, 1, 16, "mixed", torch.bfloat16, False) for b in (1, 2, 7, 64, 128)]
+    + [(7, s_q, h, "mixed", torch.bfloat16, True) for s_q in (1, 2, 4, 8) for h in (1, 8, 16, 20, 32, 64, 128)]
+    + [(2, 1, h, k, torch.bfloat16, False) for h in (16, 128) for k in ("0", "1", "63", "64", "65", "4096", "32768")]
+    + [(64, 2, h, "normal:1024", dt, c) for h in (16, 128) for dt in (torch.bfloat16, torch.float16) for c in (False, True)]
+    + [(128, 1, 128, "normal:512", torch.float16, False), (128, 4, 32, "normal:300", torch.bfloat16, True)]
+)
+
+
+@pytest.mark.parametrize("b,s_q,h_q,seqlens,dtype,causal", GRID)
+def test_decode_matches_reference(b, s_q, h_q, seqlens, dtype, causal):
+    check_case(b, s_q, h_q, seqlens, dtype, causal)
+
+
+@pytest.mark.parametrize("b,h_q,kind", [(1, 16, "100"), (128, 128, "normal:4096"), (64, 16, "mixed"), (500, 64, "normal:300")])
+def test_scheduler_matches_python_model(b, h_q, kind):
+    seqlens = seqlens_for(kind, b, torch.Generator().manual_seed(1))
+    meta, splits = get_mla_metadata(torch.tensor(seqlens, dtype=torch.int32, device="cuda"), h_q, 1)
+    plan = plan_splits(seqlens, meta.shape[0])
+    assert [SchedRecord.from_ints(r) for r in meta.cpu().tolist()] == plan.records
+    assert meta[:, 5:].eq(0).all()
+    assert splits.cpu().tolist() == plan.num_splits
+
+
+def test_deterministic():
+    p = make_problem(64, 2, 64, seqlens_for("normal:2000", 64, torch.Generator().manual_seed(3)), torch.bfloat16, True, 3)
+    out1, lse1 = run_ours(p)
+    out2, lse2 = run_ours(p)
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+
+
+def test_cuda_graph_replay_with_changing_seqlens():
+    b, s_q, h_q, dtype = 32, 2, 16, torch.bfloat16
+    gen = torch.Generator().manual_seed(5)
+    p = make_problem(b, s_q, h_q, [3000] * b, dtype, True, 5)
+    seqlens = p.cache_seqlens.clone()
+    out_buf = torch.empty(b, s_q, h_q, 512, dtype=dtype, device="cuda")
+    static = {}
+
+    def step():
+        meta, splits = get_mla_metadata(seqlens, s_q * h_q, 1)
+        _, static["lse"] = flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, seqlens, 512, meta, splits,
+                                                  causal=True, out=out_buf)
+
+    step()  # warm up (extension load, smem attribute) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for trial in range(3):
+        lens = torch.randint(0, 3001, (b,), generator=gen, dtype=torch.int32)
+        lens[trial] = 0  # a padded request
+        seqlens.copy_(lens)
+        graph.replay()
+        ref_out, ref_lse = mla_decode_reference(p.q, p.k_cache, p.block_table, seqlens, causal=True)
+        compare(out_buf, static["lse"], ref_out, ref_lse, dtype)
+
+
+def test_seqlens_beyond_block_table_rejected():
+    p = make_problem(2, 1, 16, [64, 64], torch.bfloat16, False, 0)
+    bad = torch.tensor([64, 64 * p.block_table.shape[1] + 1], dtype=torch.int32, device="cuda")
+    meta, splits = get_mla_metadata(bad, 16, 1)
+    with pytest.raises(ValueError, match="block_table has"):
+        flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, bad, 512, meta, splits)
+
+
+def test_metadata_for_other_head_count_rejected():
+    p = make_problem(2, 1, 128, [64, 64], torch.bfloat16, False, 0)
+    meta, splits = get_mla_metadata(p.cache_seqlens, 16, 1)
+    with pytest.raises(ValueError, match="different num_q_tokens_per_head_k"):
+        flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512, meta, splits)
+
+
+def bench_case(b, s_q, h_q, seqlen_kind, dtype=torch.bfloat16, causal=None, reps=50):
+    """(max error vs reference on the first requests, µs per graph replay, GB/s, TFLOPS)."""
+    causal = s_q > 1 if causal is None else causal
+    gen = torch.Generator().manual_seed(0)
+    seqlens = seqlens_for(seqlen_kind, b, gen)
+    p = make_problem(b, s_q, h_q, seqlens, dtype, causal, 0)
+    stats = compare(*run_ours(p), *mla_decode_reference(p.q, p.k_cache, p.block_table, p.cache_seqlens, causal=causal), dtype)
+    meta, splits = get_mla_metadata(p.cache_seqlens, s_q * h_q, 1)
+    out = torch.empty(b, s_q, h_q, 512, dtype=dtype, device="cuda")
+    run = lambda: flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512, meta, splits,  # noqa: E731
+                                         causal=causal, out=out, check_seqlens=False)
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    us = start.elapsed_time(end) * 1e3 / reps
+    total_k = sum(seqlens)
+    nbytes = (total_k * 576 + b * s_q * h_q * (576 + 512)) * 2
+    flops = 2 * s_q * h_q * total_k * (576 + 512)
+    return stats, us, nbytes / us / 1e3, flops / us / 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--small", action="store_true", help="small correctness grid (for compute-sanitizer)")
+    args = parser.parse_args()
+    if args.small:
+        for b, s_q, h_q, kind, causal in [(3, 2, 20, "mixed", True), (2, 1, 128, "130", False), (4, 1, 16, "mixed", False)]:
+            print(f"b={b} s_q={s_q} h_q={h_q} seqlens={kind} causal={causal}: {check_case(b, s_q, h_q, kind, torch.bfloat16, causal)}")
+        return
+    shapes = itertools.chain(
+        ((128, s_q, h, s_k) for s_k in ("4096", "8192") for h in (16, 32, 64, 128) for s_q in (1, 2)),
+        ((128, 1, h, "normal:8192") for h in (16, 128)),
+        ((b, 1, h, "8192") for b in (1, 16) for h in (16, 128)),
+    )
+    print(f"{'b':>4} {'s_q':>3} {'h_q':>4} {'seqlens':>12} {'rel_err':>8} {'us':>9} {'GB/s':>7} {'TFLOPS':>7}")
+    for b, s_q, h_q, kind in shapes:
+        stats, us, gbps, tflops = bench_case(b, s_q, h_q, kind)
+        print(f"{b:>4} {s_q:>3} {h_q:>4} {kind:>12} {stats['rel_err']:8.1e} {us:9.1f} {gbps:7.0f} {tflops:7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""CPU checks of the split planner's Python model (the GPU tests compare the device kernel with it)."""
+
+import random
+
+import pytest
+
+from vllm_flashmla._layout import FIXED_OVERHEAD_PAGES, SCHED_RECORD_INTS, SchedRecord
+from vllm_flashmla.scheduler import num_pages_of, num_sm_parts_for, plan_splits
+
+
+def covered_pages(plan, seqlens):
+    """Every (request, page) a part covers, and the slots it writes for split requests."""
+    seen = {}
+    for part, rec in enumerate(plan.records):
+        for req in range(rec.begin_req, rec.end_req + 1):
+            first = rec.begin_page if req == rec.begin_req else 0
+            end = rec.end_page if req == rec.end_req else num_pages_of(seqlens[req])
+            assert first < end or num_pages_of(seqlens[req]) == 0, "a part holds an empty piece of a request"
+            seen.setdefault(req, []).append((part, first, end))
+    return seen
+
+
+CASES = [
+    [0],
+    [1],
+    [64, 65, 63],
+    [0, 0, 0, 5000],
+    [163840],
+    [4096] * 128,
+    [random.Random(s).choice([0, 1, 64, 65, 1000, 20000]) for s in range(300)],
+    [random.Random(7 + s).randint(1, 16384) for s in range(4096)],
+]
+
+
+@pytest.mark.parametrize("seqlens", CASES, ids=lambda s: f"b{len(s)}")
+@pytest.mark.parametrize("num_sm_parts", [1, 7, 66, 132])
+def test_every_page_covered_exactly_once(seqlens, num_sm_parts):
+    plan = plan_splits(seqlens, num_sm_parts)
+    assert len(plan.records) == num_sm_parts
+    seen = covered_pages(plan, seqlens)
+    assert sorted(seen) == list(range(len(seqlens))), "every request, empty ones too, is owned by some part"
+    for req, pieces in seen.items():
+        pieces.sort(key=lambda p: p[1])
+        pos = 0
+        for _, first, end in pieces:
+            assert first == pos
+            pos = end
+        assert pos == num_pages_of(seqlens[req])
+        splits = plan.num_splits[req + 1] - plan.num_splits[req]
+        assert splits == len(pieces)
+
+
+@pytest.mark.parametrize("seqlens", CASES, ids=lambda s: f"b{len(s)}")
+def test_split_slots_are_distinct_and_bounded(seqlens):
+    parts = 132
+    plan = plan_splits(seqlens, parts)
+    assert plan.num_splits[0] == 0 and plan.num_splits == sorted(plan.num_splits)
+    assert plan.num_splits[-1] <= len(seqlens) + parts, "partial buffers hold b + num_sm_parts slots"
+    slots = []
+    for rec in plan.records:
+        for req in range(rec.begin_req, rec.end_req + 1):
+            slots.append(rec.begin_slot if req == rec.begin_req else plan.num_splits[req])
+    assert len(slots) == len(set(slots))
+
+
+def test_balance_within_one_request_overhead():
+    seqlens = [random.Random(s).randint(1, 30000) for s in range(200)]
+    parts = 132
+    plan = plan_splits(seqlens, parts)
+    cost = [0] * parts
+    for part, rec in enumerate(plan.records):
+        for req in range(rec.begin_req, rec.end_req + 1):
+            first = rec.begin_page if req == rec.begin_req else 0
+            end = rec.end_page if req == rec.end_req else num_pages_of(seqlens[req])
+            cost[part] += end - first + FIXED_OVERHEAD_PAGES
+    ideal = (sum(map(num_pages_of, seqlens)) + FIXED_OVERHEAD_PAGES * len(seqlens)) / parts
+    assert max(cost) <= ideal + 2 * FIXED_OVERHEAD_PAGES + 1
+
+
+def test_idle_parts_are_empty_ranges():
+    plan = plan_splits([10, 10], 8)
+    idle = [r for r in plan.records if r.begin_req > r.end_req]
+    assert idle, "two tiny requests cannot occupy eight parts"
+    assert all(r == SchedRecord(2, 0, 1, 0, 0) for r in idle)
+
+
+def test_record_round_trip():
+    rec = SchedRecord(3, 4, 5, 6, 7)
+    ints = rec.to_ints()
+    assert len(ints) == SCHED_RECORD_INTS and ints[5:] == [0, 0, 0]
+    assert SchedRecord.from_ints(ints) == rec
+
+
+@pytest.mark.parametrize("rows,parts", [(16, 132), (64, 132), (65, 66), (128, 66), (256, 33), (1024, 8)])
+def test_num_sm_parts(rows, parts):
+    assert num_sm_parts_for(132, rows) == parts

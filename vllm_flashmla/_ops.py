@@ -1,0 +1,36 @@
+"""Loads the compiled extension and registers fake (meta) kernels for its ops.
+
+The ops mutate preallocated outputs and return nothing, so their fakes are no-ops; that is all
+torch.compile needs to trace through them, and CUDA-graph capture needs nothing more.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _layout
+
+
+@functools.cache
+def ops():
+    """torch.ops.flashmla_kernels, with the extension loaded and its layout checked."""
+    try:
+        import flashmla_kernels  # noqa: F401  (importing registers the ops)
+    except ImportError as exc:
+        raise ImportError(
+            "vllm_flashmla's CUDA extension `flashmla_kernels` is not built or not importable "
+            f"({exc}). Install the package with `pip install --no-build-isolation -e .` (see README.md)."
+        ) from exc
+    _layout.check_against_extension(torch.ops.flashmla_kernels.layout_info())
+
+    @torch.library.register_fake("flashmla_kernels::get_mla_metadata")
+    def _(cache_seqlens, num_sm_parts, records, num_splits):
+        return None
+
+    @torch.library.register_fake("flashmla_kernels::decode")
+    def _(q, k_cache, block_table, cache_seqlens, records, num_splits, softmax_scale, causal, out, lse, o_accum, lse_accum):
+        return None
+
+    return torch.ops.flashmla_kernels

@@ -1,0 +1,257 @@
+"""Public API, with DeepSeek FlashMLA's calling convention:
+
+    tile_scheduler_metadata, num_splits = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
+                                      tile_scheduler_metadata, num_splits, softmax_scale, causal)
+
+Compute the metadata once per decode step (it depends only on cache_seqlens and s_q * h_q) and reuse it
+for every layer. Neither call synchronizes with the host or allocates outside PyTorch's caching
+allocator, so both can be captured in CUDA graphs. Every argument is validated here, and a bad one
+raises TypeError/ValueError naming the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ._layout import D_QK, D_V, H_KV, PAGE_SIZE, SCHED_RECORD_INTS
+from ._ops import ops
+from .scheduler import num_sm_parts_for
+
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _require_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _require_dtype(name: str, t: torch.Tensor, expected: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in expected:
+        names = " or ".join(str(d).replace("torch.", "") for d in expected)
+        raise TypeError(f"{name} must be {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def _require_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+
+
+@functools.cache
+def _device_facts(index: int) -> tuple[tuple[int, int], int, str]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count, props.name
+
+
+def _require_hopper(name: str, t: torch.Tensor) -> int:
+    """Check that t lives on an sm90 GPU; return the device's SM count."""
+    if t.device.type != "cuda":
+        raise ValueError(
+            f"{name} must be on a CUDA device (the kernels run on Hopper GPUs), got device '{t.device}'. "
+            "Move the tensors to the GPU, or use vllm_flashmla.reference.mla_decode_reference on the CPU."
+        )
+    capability, num_sms, gpu = _device_facts(t.device.index if t.device.index is not None else 0)
+    check_capability(capability, gpu)
+    return num_sms
+
+
+def check_capability(capability: tuple[int, int], gpu: str) -> None:
+    """The kernels are compiled for sm90a only: Hopper (H100/H800/H200/H20)."""
+    major, minor = capability
+    if (major, minor) != (9, 0):
+        raise RuntimeError(
+            f"vllm_flashmla requires an sm90a (Hopper: H100/H800/H200) GPU, found sm_{major}{minor} ({gpu}). "
+            "On other GPUs select another vLLM attention backend."
+        )
+
+
+def _require_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.device != reference.device:
+            raise ValueError(f"{name} must be on {reference_name}'s device {reference.device}, got {t.device}")
+
+
+def get_mla_metadata(
+    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV schedule for one decode step.
+
+    Args:
+        cache_seqlens: int32 [b] on the GPU, keys per request (0 allowed).
+        num_q_tokens_per_head_k: s_q * h_q // h_kv, query rows per request.
+        num_heads_k: h_kv; MLA has exactly 1.
+
+    Returns:
+        tile_scheduler_metadata: int32 [num_sm_parts, 8], one record per part (csrc/sched_meta.h).
+        num_splits: int32 [b + 1], exclusive prefix sum of the parts each request is split over.
+    """
+    cache_seqlens = _require_tensor("cache_seqlens", cache_seqlens)
+    _require_dtype("cache_seqlens", cache_seqlens, (torch.int32,))
+    _require_rank("cache_seqlens", cache_seqlens, 1, "[b]")
+    if num_heads_k != H_KV:
+        raise ValueError(f"num_heads_k must be {H_KV} (MLA shares one latent KV head), got {num_heads_k}")
+    if not isinstance(num_q_tokens_per_head_k, int) or num_q_tokens_per_head_k < 1:
+        raise ValueError(f"num_q_tokens_per_head_k (s_q * h_q) must be a positive int, got {num_q_tokens_per_head_k!r}")
+    num_sms = _require_hopper("cache_seqlens", cache_seqlens)
+    num_sm_parts = num_sm_parts_for(num_sms, num_q_tokens_per_head_k)
+    b = cache_seqlens.shape[0]
+    records = torch.empty(num_sm_parts, SCHED_RECORD_INTS, dtype=torch.int32, device=cache_seqlens.device)
+    num_splits = torch.empty(b + 1, dtype=torch.int32, device=cache_seqlens.device)
+    ops().get_mla_metadata(cache_seqlens.contiguous(), num_sm_parts, records, num_splits)
+    return records, num_splits
+
+
+def _check_seqlens_fit(cache_seqlens: torch.Tensor, max_pages: int) -> None:
+    """cache_seqlens <= max_pages * 64, checked on the host unless a CUDA graph is being captured."""
+    if cache_seqlens.numel() == 0 or (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    shortest, longest = (int(x) for x in torch.aminmax(cache_seqlens))
+    if shortest < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {shortest}")
+    if longest > max_pages * PAGE_SIZE:
+        raise ValueError(
+            f"cache_seqlens holds a sequence of {longest} tokens but block_table has {max_pages} pages per "
+            f"request (room for {max_pages * PAGE_SIZE} tokens); widen block_table or fix cache_seqlens"
+        )
+
+
+def flash_mla_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    *,
+    out: torch.Tensor | None = None,
+    check_seqlens: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged MLA decode attention.
+
+    Args:
+        q: [b, s_q, h_q, 576] bf16/fp16, last dim contiguous.
+        k_cache: [num_pages, 64, 1, 576] (or [num_pages, 64, 576]) of q's dtype; V is its first 512 columns.
+        block_table: int32 [b, max_pages], page ids of each request in order.
+        cache_seqlens: int32 [b], keys per request; 0 gives out = 0 and lse = +inf.
+        head_dim_v: 512.
+        tile_scheduler_metadata, num_splits: from get_mla_metadata for this step's cache_seqlens and s_q * h_q.
+        softmax_scale: defaults to 576 ** -0.5.
+        causal: with s_q > 1, query t of a request sees its first seqlen - (s_q - 1 - t) keys.
+        out: optional preallocated contiguous [b, s_q, h_q, 512] output of q's dtype.
+        check_seqlens: verify cache_seqlens fit block_table (one host sync; skipped during graph capture).
+
+    Returns:
+        out [b, s_q, h_q, 512] of q's dtype and lse [b, h_q, s_q] float32 (natural log).
+    """
+    tensors = dict(
+        q=q,
+        k_cache=k_cache,
+        block_table=block_table,
+        cache_seqlens=cache_seqlens,
+        tile_scheduler_metadata=tile_scheduler_metadata,
+        num_splits=num_splits,
+    )
+    for name, value in tensors.items():
+        _require_tensor(name, value)
+
+    _require_dtype("q", q, _DTYPES)
+    _require_rank("q", q, 4, "[b, s_q, h_q, d_qk]")
+    b, s_q, h_q, d_qk = q.shape
+    if d_qk != D_QK:
+        raise ValueError(f"q's head dim (d_qk = 512 latent + 64 rope) must be {D_QK}, got {d_qk}")
+    if head_dim_v != D_V:
+        raise ValueError(f"head_dim_v must be {D_V} (the latent width), got {head_dim_v}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q's last dim must be contiguous (stride 1), got stride {q.stride(-1)}")
+    if any(s % 8 for s in q.stride()[:-1]) or q.data_ptr() % 16:
+        raise ValueError(f"q's rows must be 16-byte aligned (strides multiple of 8 elements), got strides {q.stride()}")
+
+    if k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache dtype must match q ({q.dtype}), got {k_cache.dtype}")
+    if k_cache.dim() == 3:
+        k_cache = k_cache.unsqueeze(2)
+    _require_rank("k_cache", k_cache, 4, "[num_pages, page_size, h_kv, d_qk]")
+    num_pages, page_size, h_kv, d_k = k_cache.shape
+    if page_size != PAGE_SIZE:
+        raise ValueError(
+            f"k_cache page size (dim 1) must be {PAGE_SIZE}, got {page_size}; reshape larger pages into "
+            f"64-token pages (and expand block_table) or use a {PAGE_SIZE}-token KV block size"
+        )
+    if h_kv != H_KV:
+        raise ValueError(f"k_cache must have h_kv = {H_KV} (dim 2), got {h_kv}")
+    if d_k != D_QK:
+        raise ValueError(f"k_cache head dim must be {D_QK}, got {d_k}")
+    if k_cache.stride(-1) != 1 or k_cache.stride(0) % 8 or k_cache.stride(1) % 8 or k_cache.data_ptr() % 16:
+        raise ValueError(
+            f"k_cache must have a contiguous last dim and 16-byte aligned rows and pages, got strides {k_cache.stride()}"
+        )
+
+    _require_dtype("block_table", block_table, (torch.int32,))
+    _require_rank("block_table", block_table, 2, "[b, max_pages]")
+    if block_table.shape[0] != b or block_table.stride(-1) != 1:
+        raise ValueError(f"block_table must be [b={b}, max_pages] with a contiguous last dim, got shape {tuple(block_table.shape)}")
+    _require_dtype("cache_seqlens", cache_seqlens, (torch.int32,))
+    if tuple(cache_seqlens.shape) != (b,):
+        raise ValueError(f"cache_seqlens must be [b={b}], got shape {tuple(cache_seqlens.shape)}")
+
+    _require_dtype("tile_scheduler_metadata", tile_scheduler_metadata, (torch.int32,))
+    _require_dtype("num_splits", num_splits, (torch.int32,))
+    if tuple(num_splits.shape) != (b + 1,):
+        raise ValueError(
+            f"num_splits must be [b + 1 = {b + 1}] (metadata computed for this batch), got shape "
+            f"{tuple(num_splits.shape)}; call get_mla_metadata with this step's cache_seqlens"
+        )
+
+    num_sms = _require_hopper("q", q)
+    _require_same_device("q", q, **{k: v for k, v in tensors.items() if k != "q"})
+    expected_parts = num_sm_parts_for(num_sms, s_q * h_q)
+    if tuple(tile_scheduler_metadata.shape) != (expected_parts, SCHED_RECORD_INTS):
+        raise ValueError(
+            f"tile_scheduler_metadata must be [{expected_parts}, {SCHED_RECORD_INTS}] for s_q * h_q = {s_q * h_q}, "
+            f"got shape {tuple(tile_scheduler_metadata.shape)}; it was computed for a different "
+            f"num_q_tokens_per_head_k: call get_mla_metadata(cache_seqlens, {s_q * h_q}, 1)"
+        )
+
+    if softmax_scale is None:
+        softmax_scale = D_QK**-0.5
+    if not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
+
+    if out is None:
+        out = torch.empty(b, s_q, h_q, D_V, dtype=q.dtype, device=q.device)
+    else:
+        _require_tensor("out", out)
+        if out.shape != (b, s_q, h_q, D_V) or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+            raise ValueError(
+                f"out must be a contiguous {(b, s_q, h_q, D_V)} {q.dtype} tensor on {q.device}, got "
+                f"{tuple(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()})"
+            )
+    if check_seqlens:
+        _check_seqlens_fit(cache_seqlens, block_table.shape[1])
+
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    slots = b + expected_parts  # each part adds at most one split beyond one per request
+    o_accum = torch.empty(slots, s_q * h_q, D_V, dtype=torch.float32, device=q.device)
+    lse_accum = torch.empty(slots, s_q * h_q, dtype=torch.float32, device=q.device)
+    ops().decode(
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        tile_scheduler_metadata,
+        num_splits,
+        float(softmax_scale),
+        bool(causal),
+        out,
+        lse,
+        o_accum,
+        lse_accum,
+    )
+    return out, lse
