@@ -14,4 +14,4 @@ python -m pip install --quiet "setuptools>=77,<82" wheel ninja
 python -m pip install --quiet vllm==0.26.0 nvidia-cutlass==4.2.0.0 "pytest>=8"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=${MAX_JOBS:-$(nproc)}
 python -m pip install --quiet --no-build-isolation -e .
-python -c "import vllm_flashmla, flashmla_kernels; print('vllm-flashmla', vllm_flashmla.__version__, 'installed in $VENV')"
+python -c "import torch, flashmla_kernels, vllm_flashmla; print('vllm-flashmla', vllm_flashmla.__version__, 'installed in $VENV')"

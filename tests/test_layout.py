@@ -11,10 +11,9 @@ def test_python_constants_are_consistent():
 
 
 def test_extension_layout_matches_python():
-    flashmla_kernels = pytest.importorskip("flashmla_kernels", reason="extension not built")
-    import torch
+    import torch  # the extension links against torch's libraries: load them first
 
-    del flashmla_kernels
+    pytest.importorskip("flashmla_kernels", reason="extension not built")
     _layout.check_against_extension(torch.ops.flashmla_kernels.layout_info())
 
 

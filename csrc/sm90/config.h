@@ -5,7 +5,7 @@
 //
 //   warps 0-3  (warpgroup 0)  S[:, 0:32]  = Q K[0:32]^T,   O[:,   0:256] += P V[:,   0:256]
 //   warps 4-7  (warpgroup 1)  S[:, 32:64] = Q K[32:64]^T,  O[:, 256:512] += P V[:, 256:512]
-//   warp  8    (producer)     TMA loads of the next pages into a NUM_STAGES-deep ring
+//   warps 8-11 (producer)     one thread issues TMA loads of the next pages into a NUM_STAGES-deep ring
 //
 // The two MMA warpgroups split the QK^T work by keys and the PV work by value columns, so nothing is
 // computed twice; they exchange row maxima and share P through shared memory once per page.
@@ -36,8 +36,13 @@ struct DecodeConfig {
   static constexpr int NUM_MMA_WARPGROUPS = 2;
   static constexpr int WARPGROUP_THREADS = 128;
   static constexpr int NUM_MMA_THREADS = NUM_MMA_WARPGROUPS * WARPGROUP_THREADS;
-  static constexpr int NUM_PRODUCER_THREADS = 32;
+  // The producer is a whole warpgroup so that registers can move between roles with setmaxnreg: the
+  // MMA warpgroups hold a 64x256 fp32 O accumulator each (128 registers per thread) and need the room.
+  static constexpr int NUM_PRODUCER_THREADS = WARPGROUP_THREADS;
   static constexpr int NUM_THREADS = NUM_MMA_THREADS + NUM_PRODUCER_THREADS;
+  static constexpr int PRODUCER_REGS = 24;
+  static constexpr int MMA_REGS = 240;
+  static constexpr int REGISTER_FILE = 64 * 1024;
 
   static constexpr int S_COLS_PER_WG = BLOCK_N / NUM_MMA_WARPGROUPS;     // 32 keys of S per warpgroup
   static constexpr int O_COLS_PER_WG = D_V / NUM_MMA_WARPGROUPS;         // 256 value columns per warpgroup
@@ -57,6 +62,8 @@ struct DecodeConfig {
                 "a warpgroup's key rows start on a swizzle-atom boundary");
   static_assert(O_COLS_PER_WG <= 256, "wgmma N is at most 256");
   static_assert(NUM_MMA_THREADS % 128 == 0, "wgmma needs whole warpgroups");
+  static_assert(PRODUCER_REGS * NUM_PRODUCER_THREADS + MMA_REGS * NUM_MMA_THREADS <= REGISTER_FILE,
+                "setmaxnreg budgets must fit the register file");
 };
 
 // Named barriers (id 0 is __syncthreads). All are among the NUM_MMA_THREADS consumer threads.

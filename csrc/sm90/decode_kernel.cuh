@@ -41,8 +41,9 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
   }
   __syncthreads();
 
-  // ---- producer warp: one thread streams every page of the part through the ring ----
+  // ---- producer warpgroup: one thread streams every page of the part through the ring ----
   if (tid >= Config::NUM_MMA_THREADS) {
+    cutlass::arch::warpgroup_reg_dealloc<Config::PRODUCER_REGS>();
     if (tid == Config::NUM_MMA_THREADS) {
       cute::prefetch_tma_descriptor(&tmap_kv);
       typename Loop::Pipeline pipe;
@@ -56,6 +57,7 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
   }
 
   // ---- two MMA warpgroups ----
+  cutlass::arch::warpgroup_reg_alloc<Config::MMA_REGS>();
   const int wg = tid / Config::WARPGROUP_THREADS, wg_tid = tid % Config::WARPGROUP_THREADS;
   const int lane = tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
   typename Loop::Pipeline pipe;
