@@ -304,7 +304,8 @@ class FlashMLA:
             softmax_scale=inp.scale,
             causal=inp.causal,
             is_fp8_kvcache=False,
-            out=out,
+            # FlashMLA writes its internal [b, h_kv, s_q * h_q, d_v] layout, the same memory as ours.
+            out=out.view(out.shape[0], 1, -1, out.shape[-1]),
         )
 
 
@@ -648,7 +649,8 @@ def environment(args, status: dict) -> dict:
         versions["vllm"] = f"unavailable: {exc}"
     spec = importlib.util.find_spec("vllm_flashmla")
     versions["vllm_flashmla_path"] = os.path.dirname(spec.origin) if spec and spec.origin else None
-    commit = run_cmd(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
+    # The GPU host gets a copy of the tree without .git: the caller passes the commit it benchmarks.
+    commit = os.environ.get("BENCH_GIT_COMMIT") or run_cmd(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
     dirty = run_cmd(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
     return {
         "gpu": props.name,

@@ -36,6 +36,7 @@ struct DecodeConfig {
   static constexpr int NUM_MMA_WARPGROUPS = 2;
   static constexpr int WARPGROUP_THREADS = 128;
   static constexpr int NUM_MMA_THREADS = NUM_MMA_WARPGROUPS * WARPGROUP_THREADS;
+  static constexpr int NUM_MMA_WARPS = NUM_MMA_THREADS / 32;
   // The producer is a whole warpgroup so that registers can move between roles with setmaxnreg: the
   // MMA warpgroups hold a 64x256 fp32 O accumulator each (128 registers per thread) and need the room.
   static constexpr int NUM_PRODUCER_THREADS = WARPGROUP_THREADS;

@@ -18,6 +18,44 @@ __device__ __forceinline__ int visible_keys(const DecodeParams& params, int seql
   return params.causal ? seqlen - (params.s_q - 1 - row / params.h_q) : seqlen;
 }
 
+// Scores of one page -> probabilities in shared memory (the A operand of PV), with O rescaled to the
+// new running max. Ends at the barrier after which both warpgroups may issue PV.
+template <typename Config>
+__device__ __forceinline__ void scores_to_p(SharedStorage<Config>& smem,
+                                            OnlineSoftmax<Config>& softmax, float (&s)[Config::S_FRAG],
+                                            float (&o)[Config::O_FRAG], int page, int seqlen,
+                                            const int (&visible)[2], int stage, int wg, int wg_tid) {
+  using Loop = Mainloop<Config>;
+  const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
+  softmax.mask(s, page * PAGE_SIZE + wg * Config::S_COLS_PER_WG, visible, lane);
+
+  // Row max over the whole page: each warpgroup saw half of its keys.
+  float page_max[2];
+  softmax.local_max(s, page_max);
+  if (lane % 4 == 0) {
+    smem.row_max[wg][r0] = page_max[0];
+    smem.row_max[wg][r0 + 8] = page_max[1];
+  }
+  named_barrier_sync(NamedBarrier::RowMax, Config::NUM_MMA_THREADS);
+  page_max[0] = fmaxf(smem.row_max[0][r0], smem.row_max[1][r0]);
+  page_max[1] = fmaxf(smem.row_max[0][r0 + 8], smem.row_max[1][r0 + 8]);
+
+  float o_scale[2];
+  softmax.update(s, page_max, o_scale);
+#pragma unroll
+  for (int j = 0; j < Config::O_FRAG / 4; ++j) {
+    o[4 * j] *= o_scale[0];
+    o[4 * j + 1] *= o_scale[0];
+    o[4 * j + 2] *= o_scale[1];
+    o[4 * j + 3] *= o_scale[1];
+  }
+  Loop::store_p(smem, s, wg, wg_tid);
+  // Both warpgroups finished QK on this stage (they passed RowMax), so V rows may be edited now.
+  if ((page + 1) * PAGE_SIZE > seqlen) Loop::zero_v_tail(smem, stage, wg, seqlen - page * PAGE_SIZE, wg_tid);
+  fence_view_async_shared();
+  named_barrier_sync(NamedBarrier::PReady, Config::NUM_MMA_THREADS);
+}
+
 template <typename Config>
 __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
     decode_kernel(const __grid_constant__ DecodeParams params, const __grid_constant__ CUtensorMap tmap_kv) {
@@ -35,7 +73,7 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
   if (tid == 0) {
     for (int st = 0; st < Config::NUM_STAGES; ++st) {
       Mbarrier::init(&smem.kv_full[st], 1);
-      Mbarrier::init(&smem.kv_empty[st], Config::NUM_MMA_THREADS);
+      Mbarrier::init(&smem.kv_empty[st], Config::NUM_MMA_WARPS);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -74,41 +112,18 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
 #pragma unroll
     for (int i = 0; i < Config::O_FRAG; ++i) o[i] = 0.f;
 
+    // Per page: S = Q K^T, softmax into P, O += P V, then the stage goes back to the producer.
+    // (Issuing QK of page n + 1 before waiting for PV of page n was measured slower on H100: both
+    // stream operands from shared memory, which is the limit in the compute-bound regime.)
     for (int page = first_page(rec, req); page < page_end; ++page) {
       Mbarrier::wait(&smem.kv_full[pipe.stage], pipe.phase);
-
       float s[Config::S_FRAG];
-      Loop::qk(smem, pipe.stage, wg, s);
-      softmax.mask(s, page * PAGE_SIZE + wg * Config::S_COLS_PER_WG, visible, lane);
-
-      // Row max over the whole page: each warpgroup saw half of its keys.
-      float page_max[2];
-      softmax.local_max(s, page_max);
-      if (lane % 4 == 0) {
-        smem.row_max[wg][r0] = page_max[0];
-        smem.row_max[wg][r0 + 8] = page_max[1];
-      }
-      named_barrier_sync(NamedBarrier::RowMax, Config::NUM_MMA_THREADS);
-      page_max[0] = fmaxf(smem.row_max[0][r0], smem.row_max[1][r0]);
-      page_max[1] = fmaxf(smem.row_max[0][r0 + 8], smem.row_max[1][r0 + 8]);
-
-      float o_scale[2];
-      softmax.update(s, page_max, o_scale);
-#pragma unroll
-      for (int j = 0; j < Config::O_FRAG / 4; ++j) {
-        o[4 * j] *= o_scale[0];
-        o[4 * j + 1] *= o_scale[0];
-        o[4 * j + 2] *= o_scale[1];
-        o[4 * j + 3] *= o_scale[1];
-      }
-      Loop::store_p(smem, s, wg, wg_tid);
-      // Both warpgroups finished QK on this stage (they passed RowMax), so V rows may be edited now.
-      if ((page + 1) * PAGE_SIZE > seqlen) Loop::zero_v_tail(smem, pipe.stage, wg, seqlen - page * PAGE_SIZE, wg_tid);
-      fence_view_async_shared();
-      named_barrier_sync(NamedBarrier::PReady, Config::NUM_MMA_THREADS);
-
-      Loop::pv(smem, pipe.stage, wg, o);
-      Mbarrier::arrive(&smem.kv_empty[pipe.stage]);
+      Loop::issue_qk(smem, pipe.stage, wg, s);
+      Loop::template wait_mma<0>(s);
+      scores_to_p(smem, softmax, s, o, page, seqlen, visible, pipe.stage, wg, wg_tid);
+      Loop::issue_pv(smem, pipe.stage, wg, o);
+      Loop::template wait_mma<0>(o);
+      Loop::release_stage(smem, pipe.stage, lane);
       pipe.advance();
     }
 

@@ -79,8 +79,9 @@ struct Mainloop {
     named_barrier_sync(NamedBarrier::QReady, Config::NUM_MMA_THREADS);
   }
 
-  // One warpgroup: s = Q K^T over this warpgroup's 32 keys of the page in `stage` (K = all 576 columns).
-  __device__ static void qk(Smem& smem, int stage, int wg, float (&s)[Config::S_FRAG]) {
+  // One warpgroup: issue s = Q K^T over this warpgroup's 32 keys of the page in `stage` (K = all
+  // 576 columns) as one wgmma group. Completes at the matching wait_mma.
+  __device__ static void issue_qk(Smem& smem, int stage, int wg, float (&s)[Config::S_FRAG]) {
     const Element* k_rows = smem.kv[stage][0] + wg * Config::S_COLS_PER_WG * Config::BOX_COLS;
     constexpr int BOX_ELEMS = Smem::BOX_ELEMS;
     fence_accumulator(s);
@@ -94,12 +95,10 @@ struct Mainloop {
       gmma<typename Atoms::QK>(desc_q, desc_k, s, t == 0 ? ScaleOut::Zero : ScaleOut::One);
     }
     cute::warpgroup_commit_batch();
-    cute::warpgroup_wait<0>();
-    fence_accumulator(s);
   }
 
-  // One warpgroup: o += P V over the page's 64 keys, for this warpgroup's 256 value columns.
-  __device__ static void pv(Smem& smem, int stage, int wg, float (&o)[Config::O_FRAG]) {
+  // One warpgroup: issue o += P V over the page's 64 keys, for this warpgroup's 256 value columns.
+  __device__ static void issue_pv(Smem& smem, int stage, int wg, float (&o)[Config::O_FRAG]) {
     const Element* v_cols = smem.kv[stage][wg * Config::V_BOXES_PER_WG];
     fence_accumulator(o);
     cute::warpgroup_arrive();
@@ -111,8 +110,21 @@ struct Mainloop {
       gmma<typename Atoms::PV>(desc_p, desc_v, o, ScaleOut::One);
     }
     cute::warpgroup_commit_batch();
-    cute::warpgroup_wait<0>();
-    fence_accumulator(o);
+  }
+
+  // Wait until at most PENDING of this warpgroup's issued wgmma groups are in flight (groups retire
+  // in issue order), then pin the accumulator so no access moves across the wait.
+  template <int PENDING, int N>
+  __device__ static void wait_mma(float (&acc)[N]) {
+    cute::warpgroup_wait<PENDING>();
+    fence_accumulator(acc);
+  }
+
+  // Every MMA warp is done with a stage (its wgmma reads completed): one arrival per warp, since 32
+  // threads arriving on one mbarrier word serialize.
+  __device__ static void release_stage(Smem& smem, int stage, int lane) {
+    __syncwarp();
+    if (lane == 0) Mbarrier::arrive(&smem.kv_empty[stage]);
   }
 
   // One warpgroup: its probabilities (fp32 accumulator layout, see softmax.cuh) as this warpgroup's

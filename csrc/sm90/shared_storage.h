@@ -19,7 +19,7 @@ struct SharedStorage {
   float row_max[Config::NUM_MMA_WARPGROUPS][Config::BLOCK_M];  // per-page maxima over each warpgroup's keys
   float row_sum[Config::NUM_MMA_WARPGROUPS][Config::BLOCK_M];  // per-request sums over each warpgroup's keys
   uint64_t kv_full[Config::NUM_STAGES];    // TMA landed a page (transaction barrier)
-  uint64_t kv_empty[Config::NUM_STAGES];   // every MMA thread is done reading the stage
+  uint64_t kv_empty[Config::NUM_STAGES];   // every MMA warp is done reading the stage
 };
 
 // Dynamic shared memory is only guaranteed 16-byte aligned; the kernel aligns the base up to the
