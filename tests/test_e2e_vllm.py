@@ -155,10 +155,13 @@ def _worker(spec: dict) -> None:
     else:
         kwargs["enforce_eager"] = True
     if spec.get("speculative_tokens"):
+        # n-gram drafting needs no draft model (the tiny checkpoint has no MTP layers); greedy
+        # random-weight models repeat themselves, so drafts are found and verified often.
         kwargs["speculative_config"] = {
-            "method": "draft_model",
-            "model": spec["model"],
+            "method": "ngram",
             "num_speculative_tokens": spec["speculative_tokens"],
+            "prompt_lookup_min": 1,
+            "prompt_lookup_max": 3,
         }
     llm = LLM(
         model=spec["model"],
@@ -218,9 +221,9 @@ def test_negative_control_perturbed_softmax_scale_is_caught(checkpoint, runs_dir
 
 
 def test_speculative_decoding_decodes_several_tokens_per_request(checkpoint, runs_dir, reference):
-    # A draft model proposing 3 tokens makes every verification step a uniform s_q = 4 batch.
+    # Verification steps in which every request carries drafts are uniform s_q > 1 decode batches.
     run = run_engine(checkpoint, runs_dir, "FLASHMLA", speculative_tokens=3)
-    assert run["decode_calls"].get("4", 0) > 0, run["decode_calls"]
+    assert any(int(s_q) > 1 for s_q in run["decode_calls"]), run["decode_calls"]
     assert compare_greedy(reference, run["results"]) == []
 
 
