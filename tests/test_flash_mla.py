@@ -47,6 +47,8 @@ GRID = (
     + [(2, 1, h, k, torch.bfloat16, False) for h in (16, 128) for k in ("0", "1", "63", "64", "65", "4096", "32768")]
     + [(64, 2, h, "normal:1024", dt, c) for h in (16, 128) for dt in (torch.bfloat16, torch.float16) for c in (False, True)]
     + [(128, 1, 128, "normal:512", torch.float16, False), (128, 4, 32, "normal:300", torch.bfloat16, True)]
+    # the limits: the largest batch and the longest DeepSeek context (160k tokens)
+    + [(4096, 1, 16, "100", torch.bfloat16, False), (1, 2, 16, "163840", torch.bfloat16, True)]
 )
 
 

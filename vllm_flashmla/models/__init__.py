@@ -5,6 +5,7 @@ with ``--load-format dummy``. Dummy weights give near-uniform logits, useless fo
 backends, so ``save_random_checkpoint`` writes a loadable random-weight copy for that.
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -20,22 +21,32 @@ LATENT_NORM_GAIN = 4.0
 _TEXT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
 
-def save_random_checkpoint(dst_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny model with random bfloat16 weights (safetensors) to dst_dir."""
+def save_random_checkpoint(
+    dst_dir: str | Path, seed: int = 0, config_overrides: dict | None = None
+) -> Path:
+    """Write the tiny model with random bfloat16 weights (safetensors) to dst_dir.
+
+    config_overrides replaces keys of the tiny model's config.json (e.g. more attention heads
+    for tensor parallelism); the weights are drawn for, and config.json written with, the result.
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, DeepseekV3ForCausalLM
 
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
+    for name in _TEXT_FILES:
+        shutil.copy(TINY_MODEL_DIR / name, dst / name)
+    if config_overrides:
+        config = json.loads((dst / "config.json").read_text())
+        config.update(config_overrides)
+        (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(AutoConfig.from_pretrained(TINY_MODEL_DIR))
+    model = DeepseekV3ForCausalLM(AutoConfig.from_pretrained(dst))
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.endswith(("q_a_layernorm", "kv_a_layernorm")):
                 module.weight.fill_(LATENT_NORM_GAIN)
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
-    for name in _TEXT_FILES:
-        shutil.copy(TINY_MODEL_DIR / name, dst / name)
     return dst
