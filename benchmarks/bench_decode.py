@@ -688,21 +688,11 @@ def environment(args, status: dict) -> dict:
     }
 
 
-def json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def write_results(path: str, env: dict, rows: list[dict], complete: bool) -> None:
     doc = {**env, "complete": complete, "rows": rows, "summary": make_table.summary_dict(rows)}
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(json_safe(doc), f, indent=1)
+        json.dump(make_table.json_safe(doc), f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
 

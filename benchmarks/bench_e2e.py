@@ -59,6 +59,9 @@ if importlib.util.find_spec("vllm_flashmla") is None:
 
 from vllm_flashmla.models import TINY_MODEL_DIR  # noqa: E402
 
+sys.path.insert(0, str(BENCH_DIR))
+from make_table import json_safe  # noqa: E402  (torch-free helpers shared with bench_decode.py)
+
 BLOCK_SIZE = 64  # the page size of our kernels and of vLLM's FlashMLA
 WORKER_MARK = "@@bench_e2e@@"  # worker lines the parent echoes to the console; the rest goes to the log
 # No backend gets a worker with less time than this: imports, compilation and graph capture alone
@@ -560,16 +563,6 @@ def profile_steps(engine, batch: int, spec: dict, num_layers: int) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Parent: plan, workers, results
-
-
-def json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def write_results(path: Path, doc: dict) -> None:
