@@ -49,8 +49,8 @@ if importlib.util.find_spec("vllm_flashmla") is None:
     sys.path.append(REPO_ROOT)
 
 import make_table  # noqa: E402  (benchmarks/make_table.py: summary and Markdown table, no torch)
+from vllm_flashmla._layout import D_QK, D_ROPE, D_V, PAGE_SIZE  # noqa: E402
 
-D_QK, D_V, D_ROPE, PAGE_SIZE = 576, 512, 64, 64
 SOFTMAX_SCALE = D_QK**-0.5  # passed explicitly: FA3's default would be 1/sqrt(64) of its q_pe
 IMPL_NAMES = ("ours", "flashmla", "fa3mla")
 # vLLM's FA3-MLA builder passes this as num_splits when full CUDA graphs are on

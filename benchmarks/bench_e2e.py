@@ -56,6 +56,7 @@ REPO_ROOT = BENCH_DIR.parent
 if importlib.util.find_spec("vllm_flashmla") is None:
     sys.path.append(str(REPO_ROOT))
 
+from vllm_flashmla._layout import D_QK  # noqa: E402
 from vllm_flashmla.models import TINY_MODEL_DIR  # noqa: E402
 
 sys.path.insert(0, str(BENCH_DIR))
@@ -750,7 +751,7 @@ def plan(args) -> dict:
     # 1: the first token comes from prefill; 16: slack for the steps async scheduling runs ahead.
     max_tokens = 1 + timed + 16
     max_model_len = args.context + max_tokens
-    kv_bytes = args.batch * max_model_len * args.layers * 576 * 2
+    kv_bytes = args.batch * max_model_len * args.layers * D_QK * 2
     return {
         "backends": args.backend_list,
         "rounds": args.rounds,

@@ -9,8 +9,6 @@ constexpr int D_ROPE = 64;             // decoupled RoPE key width
 constexpr int D_QK = D_V + D_ROPE;     // 576: query/key width
 constexpr int PAGE_SIZE = 64;          // tokens per KV page
 constexpr int H_KV = 1;                // MLA shares one latent KV head across all query heads
-constexpr int MAX_H_Q = 128;           // DeepSeek-V2/V3 have 128 query heads at TP1
-constexpr int MAX_S_Q = 8;             // speculative / MTP tokens per request (uniform)
 
 static_assert(D_QK == 576 && D_V == 512, "the kernels are specialised for DeepSeek's 512+64 latent layout");
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from vllm_flashmla._layout import D_QK, D_V
+from vllm_flashmla._layout import PAGE_SIZE as PAGE  # noqa: N811
 from vllm_flashmla.reference import mla_decode_reference
-
-D_QK, D_V, PAGE = 576, 512, 64
 
 
 def paged(b, s_q, h_q, seqlens, seed=0, dtype=torch.float32):

@@ -14,6 +14,10 @@ D_QK = D_V + D_ROPE  # 576
 PAGE_SIZE = 64  # tokens per KV page
 H_KV = 1  # MLA: one latent KV head
 BLOCK_M = 64  # packed query rows (s_q * h_q) per decode CTA tile
+# Largest h_q and s_q the kernels are tested for (tests/test_flash_mla.py); the vLLM backend enforces
+# them. DeepSeek-V2/V3 have 128 query heads at TP1; MTP/speculative decode sends a few tokens.
+MAX_H_Q = 128
+MAX_S_Q = 8
 FIXED_OVERHEAD_PAGES = 5  # scheduler cost of a request beyond its pages (see csrc/sched_meta.h)
 SCHED_RECORD_INTS = 8
 

@@ -47,11 +47,7 @@ from vllm.v1.attention.backends.utils import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_flashmla import flash_mla_with_kvcache, get_mla_metadata
-from vllm_flashmla._layout import D_QK, D_ROPE, D_V, PAGE_SIZE, SCHED_RECORD_INTS
-
-# Largest h_q and s_q the kernels are built and tested for (csrc/config.h).
-MAX_H_Q = 128
-MAX_S_Q = 8
+from vllm_flashmla._layout import D_QK, D_ROPE, D_V, MAX_H_Q, MAX_S_Q, PAGE_SIZE, SCHED_RECORD_INTS
 
 _KV_CACHE_DTYPE_REASON = (
     "vllm-flashmla decodes a bfloat16/float16 KV cache only; use kv_cache_dtype "

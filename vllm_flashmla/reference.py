@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._layout import D_QK, D_V, PAGE_SIZE
+from ._layout import D_V
 
 
 def mla_decode_reference(
@@ -58,4 +58,4 @@ def mla_decode_reference(
     return out.to(q.dtype), lse
 
 
-__all__ = ["mla_decode_reference", "D_QK", "D_V", "PAGE_SIZE"]
+__all__ = ["mla_decode_reference"]
