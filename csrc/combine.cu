@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "api.h"
@@ -13,16 +14,25 @@
 namespace vllm_flashmla {
 namespace {
 
-// One warp per (query row, quarter of the 512 columns): each lane owns one float4 of the row. The
-// merge over splits is a chain of loads of partial outputs, so SPLITS_PER_BATCH splits' loads are
-// issued before their weights are applied: one split at a time made a single request split 64 ways
-// wait on 64 serial load latencies (b = 1 decode steps ran at 0.6x of FA3-MLA).
+// Work decomposition. The merge is a latency-bound gather of fp32 partials that the decode kernel has
+// just left in L2, so what matters is how many loads are in flight, not arithmetic:
+//  * a warp merges one row over a quarter of the value columns (each lane one float4 of the quarter);
+//  * WARPS_PER_ROW warps share a row and take every WARPS_PER_ROW-th split, then add up in shared
+//    memory. A step with few rows in all (b * s_q * h_q <= FEW_ROWS) whose requests have many splits
+//    each (b = 1: 33-132) uses 8 warps per row, so a row's splits load in one or two rounds; otherwise
+//    there are enough rows to keep loads in flight with 1 (8 warps per row measured slower at
+//    b = 4, h_q = 128 and at b = 16, h_q = 16 on H100);
+//  * each warp issues SPLITS_PER_BATCH splits' loads before it uses any of them.
+// The grid covers min(b, num_sm_parts) request slots: at most num_sm_parts requests can be split, so
+// a large batch does not launch a CTA per (request, row) just to find most requests unsplit.
 constexpr int COLS_PER_WARP = 32 * 4;
-constexpr int WARPS_PER_ROW = D_V / COLS_PER_WARP;  // 4
-constexpr int ROWS_PER_BLOCK = 2;
-constexpr int COMBINE_THREADS = ROWS_PER_BLOCK * WARPS_PER_ROW * 32;
+constexpr int COL_QUARTERS = D_V / COLS_PER_WARP;  // 4
+constexpr int WARPS_PER_CTA = 8;
+constexpr int COMBINE_THREADS = WARPS_PER_CTA * 32;
 constexpr int SPLITS_PER_BATCH = 8;
-static_assert(D_V % COLS_PER_WARP == 0, "a warp covers a row slice with one float4 per lane");
+constexpr int MANY_SPLITS = 8;  // parts per request from which a row may get all 8 warps
+constexpr int FEW_ROWS = 128;   // query rows of the whole step up to which it does
+static_assert(D_V % COLS_PER_WARP == 0, "a warp covers a column quarter with one float4 per lane");
 constexpr float LN2 = 0.69314718055994530942f;
 
 template <typename T> __device__ __forceinline__ T from_float(float x);
@@ -36,69 +46,116 @@ __device__ __forceinline__ void fma4(float4& acc, float w, const float4& x) {
   acc.w += w * x.w;
 }
 
-template <typename Element>
-__global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_constant__ CombineParams params) {
-  const int req = blockIdx.x;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row = blockIdx.y * ROWS_PER_BLOCK + warp / WARPS_PER_ROW;
-  const int col = (warp % WARPS_PER_ROW) * COLS_PER_WARP + lane * 4;
-  if (row >= params.num_q_rows) return;
-  const int first = params.num_splits[req];
-  const int n = params.num_splits[req + 1] - first;
-  if (n <= 1) return;  // finished in place by the decode kernel
-
-  const int64_t lse_stride = params.num_q_rows;  // between consecutive splits of this row
-  const float* lse_row = params.lse_accum + int64_t(first) * lse_stride + row;
+// log2 of the row's total softmax mass over its n partials (-inf when every partial is empty). Every
+// warp of the row computes it itself: n <= num_sm_parts, a few loads per lane.
+__device__ __forceinline__ float row_lse_log2(const float* lse_row, int64_t stride, int n, int lane) {
   float max_lse = -INFINITY;
-  for (int k = lane; k < n; k += 32) max_lse = fmaxf(max_lse, lse_row[k * lse_stride]);
+  for (int k = lane; k < n; k += 32) max_lse = fmaxf(max_lse, lse_row[k * stride]);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, off));
-
+  if (max_lse == -INFINITY) return -INFINITY;
   float sum = 0.f;
-  if (max_lse != -INFINITY) {
-    for (int k = lane; k < n; k += 32) sum += exp2f(lse_row[k * lse_stride] - max_lse);
-  }
+  for (int k = lane; k < n; k += 32) sum += exp2f(lse_row[k * stride] - max_lse);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  const float lse_log2 = max_lse + log2f(sum);
+  return max_lse + log2f(sum);
+}
 
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (sum > 0.f) {
-    const int64_t o_stride = int64_t(params.num_q_rows) * D_V;
-    const float* o_row = params.o_accum + (int64_t(first) * params.num_q_rows + row) * D_V + col;
-    for (int k0 = 0; k0 < n; k0 += SPLITS_PER_BATCH) {
-      float4 x[SPLITS_PER_BATCH];
-      float w[SPLITS_PER_BATCH];
+template <typename Element, int WARPS_PER_ROW>
+__global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_constant__ CombineParams params) {
+  constexpr int ROWS_PER_CTA = WARPS_PER_CTA / WARPS_PER_ROW;
+  static_assert(WARPS_PER_CTA % WARPS_PER_ROW == 0, "whole rows per CTA");
+  __shared__ float4 partial_sum[WARPS_PER_ROW > 1 ? WARPS_PER_CTA : 1][32];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = blockIdx.y * ROWS_PER_CTA + warp / WARPS_PER_ROW;
+  const int split_lane = warp % WARPS_PER_ROW;  // this warp takes splits split_lane, +WARPS_PER_ROW, ...
+  const int col = blockIdx.z * COLS_PER_WARP + lane * 4;
+  const int64_t lse_stride = params.num_q_rows;  // between consecutive splits of one row
+  const int64_t o_stride = lse_stride * D_V;
+
+  for (int req = blockIdx.x; req < params.b; req += gridDim.x) {
+    const int first = params.num_splits[req];
+    const int n = params.num_splits[req + 1] - first;
+    if (n <= 1) continue;  // finished in place by the decode kernel
+    // Rows past the end still take part in the block-wide barrier below, with nothing to load.
+    const bool active = row < params.num_q_rows;
+    const float* lse_row = params.lse_accum + int64_t(first) * lse_stride + row;
+    const float lse_log2 = active ? row_lse_log2(lse_row, lse_stride, n, lane) : -INFINITY;
+
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (lse_log2 != -INFINITY) {
+      const float* o_row = params.o_accum + (int64_t(first) * params.num_q_rows + row) * D_V + col;
+      for (int k0 = split_lane; k0 < n; k0 += SPLITS_PER_BATCH * WARPS_PER_ROW) {
+        float4 x[SPLITS_PER_BATCH];
+        float w[SPLITS_PER_BATCH];
 #pragma unroll
-      for (int j = 0; j < SPLITS_PER_BATCH; ++j) {
-        const bool valid = k0 + j < n;
-        x[j] = valid ? *reinterpret_cast<const float4*>(o_row + (k0 + j) * o_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
-        w[j] = valid ? lse_row[(k0 + j) * lse_stride] : -INFINITY;
+        for (int j = 0; j < SPLITS_PER_BATCH; ++j) {  // clamp instead of predicating: all loads issue
+          const int k = min(k0 + j * WARPS_PER_ROW, n - 1);
+          x[j] = *reinterpret_cast<const float4*>(o_row + k * o_stride);
+          w[j] = lse_row[k * lse_stride];
+        }
+#pragma unroll
+        for (int j = 0; j < SPLITS_PER_BATCH; ++j) {
+          if (k0 + j * WARPS_PER_ROW < n) fma4(acc, exp2f(w[j] - lse_log2), x[j]);
+        }
       }
+    }
+
+    if constexpr (WARPS_PER_ROW > 1) {
+      partial_sum[warp][lane] = acc;
+      __syncthreads();
+      if (split_lane == 0) {
 #pragma unroll
-      for (int j = 0; j < SPLITS_PER_BATCH; ++j) fma4(acc, exp2f(w[j] - lse_log2), x[j]);
+        for (int w = 1; w < WARPS_PER_ROW; ++w) {
+          const float4 other = partial_sum[warp + w][lane];
+          acc.x += other.x;
+          acc.y += other.y;
+          acc.z += other.z;
+          acc.w += other.w;
+        }
+      }
+      __syncthreads();  // partial_sum is reused by the next request of this CTA
+    }
+    if (!active || split_lane != 0) continue;
+
+    const int i = row / params.h_q, h = row % params.h_q;
+    Element* dst = static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
+                   h * params.stride_o_h + col;
+    const Element packed[4] = {from_float<Element>(acc.x), from_float<Element>(acc.y), from_float<Element>(acc.z),
+                               from_float<Element>(acc.w)};
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(packed);
+    if (lane == 0 && blockIdx.z == 0) {
+      params.lse[req * params.stride_lse_b + h * params.stride_lse_h + i] =
+          lse_log2 != -INFINITY ? lse_log2 * LN2 : INFINITY;
     }
   }
+}
 
-  const int i = row / params.h_q, h = row % params.h_q;
-  Element* dst = static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
-                 h * params.stride_o_h + col;
-  const Element packed[4] = {from_float<Element>(acc.x), from_float<Element>(acc.y), from_float<Element>(acc.z),
-                             from_float<Element>(acc.w)};
-  *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(packed);
-  if (lane == 0 && col == 0) {
-    params.lse[req * params.stride_lse_b + h * params.stride_lse_h + i] = sum > 0.f ? lse_log2 * LN2 : INFINITY;
+template <typename Element, int WARPS_PER_ROW>
+void launch(const CombineParams& params, cudaStream_t stream) {
+  constexpr int ROWS_PER_CTA = WARPS_PER_CTA / WARPS_PER_ROW;
+  const dim3 grid(std::min(params.b, params.num_sm_parts), (params.num_q_rows + ROWS_PER_CTA - 1) / ROWS_PER_CTA,
+                  COL_QUARTERS);
+  combine_kernel<Element, WARPS_PER_ROW><<<grid, COMBINE_THREADS, 0, stream>>>(params);
+}
+
+template <typename Element>
+void launch(const CombineParams& params, cudaStream_t stream) {
+  if (params.b * params.num_q_rows <= FEW_ROWS && params.num_sm_parts >= MANY_SPLITS * params.b) {
+    launch<Element, WARPS_PER_CTA>(params, stream);
+  } else {
+    launch<Element, 1>(params, stream);
   }
 }
 
 }  // namespace
 
 cudaError_t run_combine(const CombineParams& params, DType dtype, cudaStream_t stream) {
-  const dim3 grid(params.b, (params.num_q_rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
   if (dtype == DType::BFloat16) {
-    combine_kernel<__nv_bfloat16><<<grid, COMBINE_THREADS, 0, stream>>>(params);
+    launch<__nv_bfloat16>(params, stream);
   } else {
-    combine_kernel<__half><<<grid, COMBINE_THREADS, 0, stream>>>(params);
+    launch<__half>(params, stream);
   }
   return cudaGetLastError();
 }

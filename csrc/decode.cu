@@ -37,6 +37,7 @@ cudaError_t run_decode(const DecodeParams& params, DType dtype, const void* k_ca
   combine.s_q = params.s_q;
   combine.h_q = params.h_q;
   combine.num_q_rows = params.num_q_rows;
+  combine.num_sm_parts = params.num_sm_parts;
   return run_combine(combine, dtype, stream);
 }
 

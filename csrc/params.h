@@ -47,6 +47,7 @@ struct CombineParams {
   int64_t stride_o_b, stride_o_s, stride_o_h;
   int64_t stride_lse_b, stride_lse_h;
   int b, s_q, h_q, num_q_rows;
+  int num_sm_parts;  // bounds the number of split requests
 };
 
 }  // namespace vllm_flashmla
