@@ -1,14 +1,19 @@
 // Tile shapes, thread roles and the shared-memory plan of the sm90a decode kernel.
 //
 // One CTA owns a 64-row tile of packed query rows (row = s_q index * h_q + head) of one request at a
-// time and streams that request's KV pages through shared memory, one 64-token page per step:
+// time and streams that request's KV pages through a ring of two page stages. Pages alternate between
+// the stages, and each MMA warpgroup owns one stage ("seesaw"):
 //
-//   warps 0-3  (warpgroup 0)  S[:, 0:32]  = Q K[0:32]^T,   O[:,   0:256] += P V[:,   0:256]
-//   warps 4-7  (warpgroup 1)  S[:, 32:64] = Q K[32:64]^T,  O[:, 256:512] += P V[:, 256:512]
-//   warps 8-11 (producer)     one thread issues TMA loads of the next pages into a NUM_STAGES-deep ring
+//   warps 0-3  (warpgroup 0)  pages in stage 0: S = Q K^T over all 64 keys, online softmax, P
+//                             every page:       O[:,   0:256] += P V[:,   0:256]
+//   warps 4-7  (warpgroup 1)  pages in stage 1: S = Q K^T over all 64 keys, online softmax, P
+//                             every page:       O[:, 256:512] += P V[:, 256:512]
+//   warps 8-11 (producer)     one thread issues TMA loads of the next pages into the ring
 //
-// The two MMA warpgroups split the QK^T work by keys and the PV work by value columns, so nothing is
-// computed twice; they exchange row maxima and share P through shared memory once per page.
+// The owner of a page publishes P (written over the page's RoPE box, which QK^T no longer needs) and
+// the new row maxima; the other warpgroup rescales its half of O and adds P V. While one warpgroup runs
+// its softmax, the tensor cores work on the other's QK^T or PV, and Q is read from shared memory once
+// per page (a 64x64 QK^T tile) instead of once per warpgroup.
 #pragma once
 
 #include <cstdint>
@@ -45,22 +50,22 @@ struct DecodeConfig {
   static constexpr int MMA_REGS = 240;
   static constexpr int REGISTER_FILE = 64 * 1024;
 
-  static constexpr int S_COLS_PER_WG = BLOCK_N / NUM_MMA_WARPGROUPS;     // 32 keys of S per warpgroup
   static constexpr int O_COLS_PER_WG = D_V / NUM_MMA_WARPGROUPS;         // 256 value columns per warpgroup
   static constexpr int V_BOXES_PER_WG = O_COLS_PER_WG / BOX_COLS;        // 4
   static constexpr int MMA_K = 16;                                        // wgmma K for 16-bit inputs
   static constexpr int QK_STEPS = D_QK / MMA_K;                           // 36
   static constexpr int QK_STEPS_PER_BOX = BOX_COLS / MMA_K;               // 4
   static constexpr int PV_STEPS = BLOCK_N / MMA_K;                        // 4
+  static constexpr int P_BOX = NUM_QK_BOXES - 1;                          // the RoPE box, reused for P
   // Accumulator fragments: each thread of a warpgroup holds N/2 fp32 values of a 64xN wgmma tile.
-  static constexpr int S_FRAG = S_COLS_PER_WG / 2;                        // 16
+  static constexpr int S_FRAG = BLOCK_N / 2;                              // 32
   static constexpr int O_FRAG = O_COLS_PER_WG / 2;                        // 128
 
-  static_assert(BLOCK_N == BOX_COLS, "P is one 128-byte swizzle box wide");
+  static_assert(BLOCK_N == BOX_COLS && BLOCK_M == BLOCK_N, "P [BLOCK_M, BLOCK_N] is exactly one box");
+  static_assert(NUM_QK_BOXES == NUM_V_BOXES + 1, "one RoPE box past the V boxes holds P");
+  static_assert(NUM_STAGES == NUM_MMA_WARPGROUPS, "each MMA warpgroup owns one stage");
   static_assert(D_QK % BOX_COLS == 0 && D_V % BOX_COLS == 0, "rows must split into whole boxes");
   static_assert(O_COLS_PER_WG % BOX_COLS == 0, "each warpgroup owns whole V boxes");
-  static_assert(S_COLS_PER_WG % 8 == 0 && (S_COLS_PER_WG * SWIZZLE_BYTES) % SWIZZLE_ATOM_BYTES == 0,
-                "a warpgroup's key rows start on a swizzle-atom boundary");
   static_assert(O_COLS_PER_WG <= 256, "wgmma N is at most 256");
   static_assert(NUM_MMA_THREADS % 128 == 0, "wgmma needs whole warpgroups");
   static_assert(PRODUCER_REGS * NUM_PRODUCER_THREADS + MMA_REGS * NUM_MMA_THREADS <= REGISTER_FILE,
@@ -69,10 +74,10 @@ struct DecodeConfig {
 
 // Named barriers (id 0 is __syncthreads). All are among the NUM_MMA_THREADS consumer threads.
 enum class NamedBarrier : uint32_t {
-  QReady = 1,    // Q of a new request is in shared memory
-  RowMax = 2,    // both warpgroups published their per-page row maxima
-  PReady = 3,    // P (and zeroed V tail rows) written: PV may read them
-  RowSum = 4,    // both warpgroups published their row sums
+  QReady = 1,   // Q of a new request is in shared memory
+  RowSum = 2,   // both warpgroups published their row sums
+  PReady = 3,   // PReady + stage: the owner of the stage's page published P, the row maxima and the
+                // zeroed V tail rows
 };
 
 }  // namespace vllm_flashmla::sm90

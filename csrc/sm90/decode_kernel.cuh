@@ -1,6 +1,7 @@
 // The split-KV MLA decode kernel: one persistent CTA per (64-row query tile, scheduler part).
 // Reads like the algorithm: for each request of the part, load Q, then for each page
-// S = Q K^T -> online softmax -> O += P V, then store the output or a partial for combine.cu.
+// S = Q K^T -> online softmax -> O += P V (the two MMA warpgroups take turns at QK^T and softmax,
+// see config.h), then store the output or a partial for combine.cu.
 #pragma once
 
 #include "../params.h"
@@ -18,30 +19,43 @@ __device__ __forceinline__ int visible_keys(const DecodeParams& params, int seql
   return params.causal ? seqlen - (params.s_q - 1 - row / params.h_q) : seqlen;
 }
 
-// Scores of one page -> probabilities in shared memory (the A operand of PV), with O rescaled to the
-// new running max. Ends at the barrier after which both warpgroups may issue PV.
+// The owner of the page in `stage`, once its S = Q K^T is complete: online softmax, then publish P
+// (over the stage's RoPE box), the new row maxima and the zeroed V tail rows to the other warpgroup.
 template <typename Config>
-__device__ __forceinline__ void scores_to_p(SharedStorage<Config>& smem,
-                                            OnlineSoftmax<Config>& softmax, float (&s)[Config::S_FRAG],
-                                            float (&o)[Config::O_FRAG], int page, int seqlen,
-                                            const int (&visible)[2], int stage, int wg, int wg_tid) {
+__device__ __forceinline__ void own_page(SharedStorage<Config>& smem, OnlineSoftmax<Config>& softmax,
+                                         float (&s)[Config::S_FRAG], float (&o_scale)[2], int page, int seqlen,
+                                         const int (&visible)[2], int stage, int wg_tid) {
   using Loop = Mainloop<Config>;
   const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
-  softmax.mask(s, page * PAGE_SIZE + wg * Config::S_COLS_PER_WG, visible, lane);
-
-  // Row max over the whole page: each warpgroup saw half of its keys.
+  softmax.mask(s, page * PAGE_SIZE, visible, lane);
   float page_max[2];
   softmax.local_max(s, page_max);
-  if (lane % 4 == 0) {
-    smem.row_max[wg][r0] = page_max[0];
-    smem.row_max[wg][r0 + 8] = page_max[1];
-  }
-  named_barrier_sync(NamedBarrier::RowMax, Config::NUM_MMA_THREADS);
-  page_max[0] = fmaxf(smem.row_max[0][r0], smem.row_max[1][r0]);
-  page_max[1] = fmaxf(smem.row_max[0][r0 + 8], smem.row_max[1][r0 + 8]);
-
-  float o_scale[2];
   softmax.update(s, page_max, o_scale);
+  Loop::store_p(smem, stage, s, wg_tid);
+  if (lane % 4 == 0) {
+    smem.row_max[stage][r0] = softmax.row_max[0];
+    smem.row_max[stage][r0 + 8] = softmax.row_max[1];
+  }
+  if ((page + 1) * PAGE_SIZE > seqlen) Loop::zero_v_tail(smem, stage, seqlen - page * PAGE_SIZE, wg_tid);
+  fence_view_async_shared();
+  // A full sync, not an arrive: the other warpgroup reaches it first anyway (it finished its own page
+  // while this QK^T ran), and a sync also orders its reads of row_max[stage] before this warpgroup's
+  // next write there, two pages later, for compute-sanitizer's racecheck as for the hardware.
+  named_barrier_sync(p_ready(stage), Config::NUM_MMA_THREADS);
+}
+
+// The other warpgroup: wait for the owner's P of the page in `stage` and take its row maxima.
+template <typename Config>
+__device__ __forceinline__ void follow_page(SharedStorage<Config>& smem, OnlineSoftmax<Config>& softmax,
+                                            float (&o_scale)[2], int stage, int wg_tid) {
+  const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
+  named_barrier_sync(p_ready(stage), Config::NUM_MMA_THREADS);
+  const float owner_max[2] = {smem.row_max[stage][r0], smem.row_max[stage][r0 + 8]};
+  softmax.follow(owner_max, o_scale);
+}
+
+template <typename Config>
+__device__ __forceinline__ void rescale(float (&o)[Config::O_FRAG], const float (&o_scale)[2]) {
 #pragma unroll
   for (int j = 0; j < Config::O_FRAG / 4; ++j) {
     o[4 * j] *= o_scale[0];
@@ -49,11 +63,6 @@ __device__ __forceinline__ void scores_to_p(SharedStorage<Config>& smem,
     o[4 * j + 2] *= o_scale[1];
     o[4 * j + 3] *= o_scale[1];
   }
-  Loop::store_p(smem, s, wg, wg_tid);
-  // Both warpgroups finished QK on this stage (they passed RowMax), so V rows may be edited now.
-  if ((page + 1) * PAGE_SIZE > seqlen) Loop::zero_v_tail(smem, stage, wg, seqlen - page * PAGE_SIZE, wg_tid);
-  fence_view_async_shared();
-  named_barrier_sync(NamedBarrier::PReady, Config::NUM_MMA_THREADS);
 }
 
 template <typename Config>
@@ -96,7 +105,10 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
 
   // ---- two MMA warpgroups ----
   cutlass::arch::warpgroup_reg_alloc<Config::MMA_REGS>();
-  const int wg = tid / Config::WARPGROUP_THREADS, wg_tid = tid % Config::WARPGROUP_THREADS;
+  // Warp-uniform in the compiler's eyes too (a shuffle of lane 0), so branching on the stage owner
+  // is not divergent control flow around in-flight wgmma accumulators.
+  const int wg = __shfl_sync(0xffffffffu, tid / Config::WARPGROUP_THREADS, 0);
+  const int wg_tid = tid % Config::WARPGROUP_THREADS;
   const int lane = tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
   typename Loop::Pipeline pipe;
 
@@ -112,19 +124,41 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
 #pragma unroll
     for (int i = 0; i < Config::O_FRAG; ++i) o[i] = 0.f;
 
-    // Per page: S = Q K^T, softmax into P, O += P V, then the stage goes back to the producer.
-    // (Issuing QK of page n + 1 before waiting for PV of page n was measured slower on H100: both
-    // stream operands from shared memory, which is the limit in the compute-bound regime.)
-    for (int page = first_page(rec, req); page < page_end; ++page) {
+    // Pages alternate between the stages and each warpgroup owns one stage. Per page, the owner does
+    // S = Q K^T and the softmax and publishes P; both add P V to their half of O. A warpgroup issues
+    // QK^T of its own page right behind its PV of the other's page, so the two warpgroups' MMAs fill
+    // each other's softmax. Each wgmma group is waited for in the block that issued it (ptxas
+    // serializes wgmma whose accumulators stay in flight across divergent control flow).
+    float s[Config::S_FRAG];
+    float o_scale[2];
+    int page = first_page(rec, req);
+    while (page < page_end) {
+      int pv_pending = -1;  // stage of a PV on the other's page not yet known complete
+      if (pipe.stage != wg) {
+        follow_page(smem, softmax, o_scale, pipe.stage, wg_tid);
+        rescale<Config>(o, o_scale);
+        Loop::issue_pv(smem, pipe.stage, wg, o);
+        pv_pending = pipe.stage;
+        pipe.advance();
+        if (++page == page_end) {
+          Loop::template wait_mma<0>(o);
+          Loop::release_stage(smem, pv_pending, lane);
+          break;
+        }
+      }
+      // This warpgroup's page.
       Mbarrier::wait(&smem.kv_full[pipe.stage], pipe.phase);
-      float s[Config::S_FRAG];
-      Loop::issue_qk(smem, pipe.stage, wg, s);
+      Loop::issue_qk(smem, pipe.stage, s);
       Loop::template wait_mma<0>(s);
-      scores_to_p(smem, softmax, s, o, page, seqlen, visible, pipe.stage, wg, wg_tid);
+      fence_accumulator(o);
+      if (pv_pending >= 0) Loop::release_stage(smem, pv_pending, lane);
+      own_page(smem, softmax, s, o_scale, page, seqlen, visible, pipe.stage, wg_tid);
+      rescale<Config>(o, o_scale);
       Loop::issue_pv(smem, pipe.stage, wg, o);
       Loop::template wait_mma<0>(o);
       Loop::release_stage(smem, pipe.stage, lane);
       pipe.advance();
+      ++page;
     }
 
     const bool is_split = params.num_splits[req + 1] - params.num_splits[req] > 1;

@@ -79,11 +79,9 @@ struct Mainloop {
     named_barrier_sync(NamedBarrier::QReady, Config::NUM_MMA_THREADS);
   }
 
-  // One warpgroup: issue s = Q K^T over this warpgroup's 32 keys of the page in `stage` (K = all
-  // 576 columns) as one wgmma group. Completes at the matching wait_mma.
-  __device__ static void issue_qk(Smem& smem, int stage, int wg, float (&s)[Config::S_FRAG]) {
-    const Element* k_rows = smem.kv[stage][0] + wg * Config::S_COLS_PER_WG * Config::BOX_COLS;
-    constexpr int BOX_ELEMS = Smem::BOX_ELEMS;
+  // The owner warpgroup: issue s = Q K^T over all 64 keys of the page in `stage` (K = all 576
+  // columns) as one wgmma group. Completes at the matching wait_mma.
+  __device__ static void issue_qk(Smem& smem, int stage, float (&s)[Config::S_FRAG]) {
     fence_accumulator(s);
     cute::warpgroup_arrive();
 #pragma unroll
@@ -91,7 +89,7 @@ struct Mainloop {
       const int box = t / Config::QK_STEPS_PER_BOX;
       const int k_bytes = (t % Config::QK_STEPS_PER_BOX) * Config::MMA_K * int(sizeof(Element));
       const uint64_t desc_q = desc_advance(smem_desc_k_major(smem.q[box]), k_bytes);
-      const uint64_t desc_k = desc_advance(smem_desc_k_major(k_rows + box * BOX_ELEMS), k_bytes);
+      const uint64_t desc_k = desc_advance(smem_desc_k_major(smem.kv[stage][box]), k_bytes);
       gmma<typename Atoms::QK>(desc_q, desc_k, s, t == 0 ? ScaleOut::Zero : ScaleOut::One);
     }
     cute::warpgroup_commit_batch();
@@ -104,7 +102,8 @@ struct Mainloop {
     cute::warpgroup_arrive();
 #pragma unroll
     for (int t = 0; t < Config::PV_STEPS; ++t) {
-      const uint64_t desc_p = desc_advance(smem_desc_k_major(smem.p), t * Config::MMA_K * int(sizeof(Element)));
+      const uint64_t desc_p =
+          desc_advance(smem_desc_k_major(smem.kv[stage][Config::P_BOX]), t * Config::MMA_K * int(sizeof(Element)));
       const uint64_t desc_v =
           smem_desc_mn_major(v_cols + t * Config::MMA_K * Config::BOX_COLS, Config::TILE_BOX_BYTES);
       gmma<typename Atoms::PV>(desc_p, desc_v, o, ScaleOut::One);
@@ -127,14 +126,14 @@ struct Mainloop {
     if (lane == 0) Mbarrier::arrive(&smem.kv_empty[stage]);
   }
 
-  // One warpgroup: its probabilities (fp32 accumulator layout, see softmax.cuh) as this warpgroup's
-  // 32 key columns of the P tile, rounded to the input type for the PV wgmma.
-  __device__ static void store_p(Smem& smem, const float (&p)[Config::S_FRAG], int wg, int wg_tid) {
+  // The owner warpgroup: its probabilities (fp32 accumulator layout, see softmax.cuh) as the P tile
+  // in the stage's P_BOX, rounded to the input type for the PV wgmma of both warpgroups.
+  __device__ static void store_p(Smem& smem, int stage, const float (&p)[Config::S_FRAG], int wg_tid) {
     const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
-    char* tile = reinterpret_cast<char*>(smem.p);
+    char* tile = reinterpret_cast<char*>(smem.kv[stage][Config::P_BOX]);
 #pragma unroll
     for (int j = 0; j < Config::S_FRAG / 4; ++j) {
-      const int col = wg * Config::S_COLS_PER_WG + 8 * j + 2 * (lane % 4);
+      const int col = 8 * j + 2 * (lane % 4);
       const int byte_in_chunk = (col % 8) * int(sizeof(Element));
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -146,17 +145,17 @@ struct Mainloop {
   }
 
   // Keys at or past the request's end hold whatever the cache page holds (NaN in our tests). Their
-  // probabilities are exactly 0, but 0 * NaN is NaN, so zero this warpgroup's V columns of those
-  // rows before PV. Only the request's last page can be partial.
-  __device__ static void zero_v_tail(Smem& smem, int stage, int wg, int first_dead_key, int wg_tid) {
+  // probabilities are exactly 0, but 0 * NaN is NaN, so the owner zeroes every V column of those rows
+  // before publishing P. Only the request's last page can be partial.
+  __device__ static void zero_v_tail(Smem& smem, int stage, int first_dead_key, int wg_tid) {
     constexpr int CHUNKS_PER_BOX_ROW = Config::SWIZZLE_BYTES / 16;
     const int dead_rows = Config::BLOCK_N - first_dead_key;
-    const int total = dead_rows * Config::V_BOXES_PER_WG * CHUNKS_PER_BOX_ROW;
+    const int total = dead_rows * Config::NUM_V_BOXES * CHUNKS_PER_BOX_ROW;
     for (int idx = wg_tid; idx < total; idx += Config::WARPGROUP_THREADS) {
       const int chunk = idx % CHUNKS_PER_BOX_ROW;
-      const int box = (idx / CHUNKS_PER_BOX_ROW) % Config::V_BOXES_PER_WG;
-      const int row = first_dead_key + idx / (CHUNKS_PER_BOX_ROW * Config::V_BOXES_PER_WG);
-      char* base = reinterpret_cast<char*>(smem.kv[stage][wg * Config::V_BOXES_PER_WG + box]);
+      const int box = (idx / CHUNKS_PER_BOX_ROW) % Config::NUM_V_BOXES;
+      const int row = first_dead_key + idx / (CHUNKS_PER_BOX_ROW * Config::NUM_V_BOXES);
+      char* base = reinterpret_cast<char*>(smem.kv[stage][box]);
       *reinterpret_cast<uint4*>(base + swizzle_128b(row, chunk)) = make_uint4(0, 0, 0, 0);
     }
   }

@@ -64,11 +64,11 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
 
 template <typename Element> struct GmmaAtoms;
 template <> struct GmmaAtoms<cutlass::bfloat16_t> {
-  using QK = cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_SS<Major::K, Major::K>;
+  using QK = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<Major::K, Major::K>;
   using PV = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<Major::K, Major::MN>;
 };
 template <> struct GmmaAtoms<cutlass::half_t> {
-  using QK = cute::SM90::GMMA::MMA_64x32x16_F32F16F16_SS<Major::K, Major::K>;
+  using QK = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_SS<Major::K, Major::K>;
   using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<Major::K, Major::MN>;
 };
 
@@ -89,8 +89,17 @@ __device__ __forceinline__ void fence_accumulator(float (&acc)[N]) {
   for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(acc[i]);
 }
 
+// bar.sync is .aligned: all threads of a warp must execute it together. Callers reach it after
+// divergent code (lane-predicated stores, the V-tail loop), which ptxas does not always reconverge
+// first; compute-sanitizer's synccheck flagged that, so reconverge explicitly.
 __device__ __forceinline__ void named_barrier_sync(NamedBarrier id, int num_threads) {
+  __syncwarp();
   asm volatile("bar.sync %0, %1;" ::"r"(uint32_t(id)), "r"(num_threads) : "memory");
+}
+
+// The per-stage barrier of NamedBarrier::PReady.
+__device__ __forceinline__ NamedBarrier p_ready(int stage) {
+  return NamedBarrier(uint32_t(NamedBarrier::PReady) + uint32_t(stage));
 }
 
 // Make generic-proxy shared-memory writes visible to the async proxy (wgmma operand reads, TMA).

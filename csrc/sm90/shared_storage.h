@@ -1,4 +1,4 @@
-// Shared-memory plan of one decode CTA (~225 KiB of the 227 KiB a CTA may use on sm90).
+// Shared-memory plan of one decode CTA (~218 KiB of the 227 KiB a CTA may use on sm90).
 #pragma once
 
 #include "config.h"
@@ -12,12 +12,11 @@ struct SharedStorage {
 
   // Q tile of the current request: 9 SWIZZLE_128B boxes of [BLOCK_M rows, 64 cols].
   alignas(1024) Element q[Config::NUM_QK_BOXES][BOX_ELEMS];
-  // Ring of KV pages, each as 9 boxes of [64 keys, 64 cols]; boxes 0..7 double as V.
+  // Ring of KV pages, each as 9 boxes of [64 keys, 64 cols]; boxes 0..7 double as V. Once the owner's
+  // QK^T is done, box P_BOX (RoPE keys) is overwritten with P = softmax numerators [BLOCK_M, 64 keys].
   alignas(1024) Element kv[Config::NUM_STAGES][Config::NUM_QK_BOXES][BOX_ELEMS];
-  // P = softmax numerators of the current page, [BLOCK_M rows, 64 keys], written by both warpgroups.
-  alignas(1024) Element p[BOX_ELEMS];
-  float row_max[Config::NUM_MMA_WARPGROUPS][Config::BLOCK_M];  // per-page maxima over each warpgroup's keys
-  float row_sum[Config::NUM_MMA_WARPGROUPS][Config::BLOCK_M];  // per-request sums over each warpgroup's keys
+  float row_max[Config::NUM_STAGES][Config::BLOCK_M];          // running max after the stage's page
+  float row_sum[Config::NUM_MMA_WARPGROUPS][Config::BLOCK_M];  // per-request sums over each warpgroup's pages
   uint64_t kv_full[Config::NUM_STAGES];    // TMA landed a page (transaction barrier)
   uint64_t kv_empty[Config::NUM_STAGES];   // every MMA warp is done reading the stage
 };

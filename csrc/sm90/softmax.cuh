@@ -3,7 +3,9 @@
 // Register layout (wgmma accumulator of a 64xN tile): thread t of a warpgroup owns rows
 // r0 = 16 * (t / 32) + (t % 32) / 4 and r1 = r0 + 8; for every 8-column chunk j it holds columns
 // 8j + 2 * (t % 4) + {0, 1} at fragment indices 4j + {0, 1} (row r0) and 4j + {2, 3} (row r1).
-// A row is thus spread over the 4 threads of a quad, and over both warpgroups (each owns half the keys).
+// A row of S is thus spread over the 4 threads of a quad of the page's owner warpgroup. Both
+// warpgroups keep the same running maxima (the owner computes them, the other follows) and each sums
+// the probabilities of the pages it owned; the epilogue adds the two sums.
 #pragma once
 
 #include <cmath>
@@ -18,8 +20,9 @@ struct OnlineSoftmax {
   static constexpr int S_FRAG = Config::S_FRAG;
 
   float scale_log2;       // softmax_scale * log2(e): scores become log2-domain logits
-  float row_max[ROWS];    // running max of raw scores over the keys seen so far (both warpgroups)
-  float row_sum[ROWS];    // this thread's share of sum(exp2(score * scale_log2 - row_max * scale_log2))
+  float row_max[ROWS];    // running max of raw scores over the keys seen so far (same in both warpgroups)
+  float row_sum[ROWS];    // this thread's share of sum(exp2(score * scale_log2 - row_max * scale_log2)),
+                          // over the keys of the pages this warpgroup owned
 
   __device__ explicit OnlineSoftmax(float scale_log2_) : scale_log2(scale_log2_) {
 #pragma unroll
@@ -42,7 +45,7 @@ struct OnlineSoftmax {
     }
   }
 
-  // Max of each row over this warpgroup's keys (reduced over the quad).
+  // Max of each row over the page's keys (reduced over the quad).
   __device__ static void local_max(const float (&s)[S_FRAG], float (&mx)[ROWS]) {
     mx[0] = mx[1] = -INFINITY;
 #pragma unroll
@@ -57,19 +60,12 @@ struct OnlineSoftmax {
     }
   }
 
-  // Fold in one page: `page_max` is the row max over all 64 keys of the page. Turns s into
+  // Owner of a page: fold in its scores, `page_max` being the row max over them. Turns s into
   // probabilities relative to the new running max and returns the factor O must be rescaled by.
   // A row that has seen only masked keys keeps max = -inf; its probabilities and factors are 0.
   __device__ void update(float (&s)[S_FRAG], const float (&page_max)[ROWS], float (&o_scale)[ROWS]) {
     float max_scaled[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const float new_max = fmaxf(row_max[r], page_max[r]);
-      max_scaled[r] = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      o_scale[r] = exp2f(row_max[r] * scale_log2 - max_scaled[r]);
-      row_max[r] = new_max;
-      row_sum[r] *= o_scale[r];
-    }
+    advance_max(page_max, o_scale, max_scaled);
 #pragma unroll
     for (int j = 0; j < S_FRAG / 4; ++j) {
 #pragma unroll
@@ -82,7 +78,14 @@ struct OnlineSoftmax {
     }
   }
 
-  // This warpgroup's share of each row's sum (reduced over the quad).
+  // The other warpgroup: take the running max the owner published (its row_max after the page) and
+  // return the same O rescale factor the owner computed: same inputs, same instructions, same bits.
+  __device__ void follow(const float (&owner_max)[ROWS], float (&o_scale)[ROWS]) {
+    float max_scaled[ROWS];
+    advance_max(owner_max, o_scale, max_scaled);
+  }
+
+  // This thread's share of each row's sum (reduced over the quad).
   __device__ void quad_sum(float (&sum)[ROWS]) const {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
@@ -95,6 +98,18 @@ struct OnlineSoftmax {
   // log2-domain LSE of a row with total sum `sum`, or -inf when the row attended to nothing.
   __device__ float lse_log2(int r, float sum) const {
     return sum > 0.f ? row_max[r] * scale_log2 + log2f(sum) : -INFINITY;
+  }
+
+ private:
+  __device__ void advance_max(const float (&page_max)[ROWS], float (&o_scale)[ROWS], float (&max_scaled)[ROWS]) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const float new_max = fmaxf(row_max[r], page_max[r]);
+      max_scaled[r] = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+      o_scale[r] = exp2f(row_max[r] * scale_log2 - max_scaled[r]);
+      row_max[r] = new_max;
+      row_sum[r] *= o_scale[r];
+    }
   }
 };
 
