@@ -90,8 +90,7 @@ __device__ __forceinline__ void fence_accumulator(float (&acc)[N]) {
 }
 
 // bar.sync is .aligned: all threads of a warp must execute it together. Callers reach it after
-// divergent code (lane-predicated stores, the V-tail loop), which ptxas does not always reconverge
-// first; compute-sanitizer's synccheck flagged that, so reconverge explicitly.
+// divergent code (lane-predicated stores, the V-tail loop), so reconverge the warp explicitly first.
 __device__ __forceinline__ void named_barrier_sync(NamedBarrier id, int num_threads) {
   __syncwarp();
   asm volatile("bar.sync %0, %1;" ::"r"(uint32_t(id)), "r"(num_threads) : "memory");
