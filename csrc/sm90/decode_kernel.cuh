@@ -127,8 +127,8 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
     // Pages alternate between the stages and each warpgroup owns one stage. Per page, the owner does
     // S = Q K^T and the softmax and publishes P; both add P V to their half of O. A warpgroup issues
     // QK^T of its own page right behind its PV of the other's page, so the two warpgroups' MMAs fill
-    // each other's softmax. Each wgmma group is waited for in the block that issued it (ptxas
-    // serializes wgmma whose accumulators stay in flight across divergent control flow).
+    // each other's softmax. Every wgmma group is waited for in the loop iteration that issued it
+    // (ptxas serializes wgmma whose accumulators stay in flight across divergent control flow).
     float s[Config::S_FRAG];
     float o_scale[2];
     int page = first_page(rec, req);
