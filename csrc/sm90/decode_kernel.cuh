@@ -149,9 +149,11 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
       // This warpgroup's page.
       Mbarrier::wait(&smem.kv_full[pipe.stage], pipe.phase);
       Loop::issue_qk(smem, pipe.stage, s);
+      // The other's page is dead once this warpgroup's PV on it (issued before the QK^T) is done:
+      // free its stage for the next load without also waiting for the QK^T.
+      Loop::template wait_mma<1>(o);
+      Loop::release_stage(smem, pv_pending, lane);
       Loop::template wait_mma<0>(s);
-      fence_accumulator(o);
-      if (pv_pending >= 0) Loop::release_stage(smem, pv_pending, lane);
       own_page(smem, softmax, s, o_scale, page, seqlen, visible, pipe.stage, wg_tid);
       rescale<Config>(o, o_scale);
       Loop::issue_pv(smem, pipe.stage, wg, o);

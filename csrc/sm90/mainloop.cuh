@@ -120,10 +120,10 @@ struct Mainloop {
   }
 
   // Every MMA warp is done with a stage (its wgmma reads completed): one arrival per warp, since 32
-  // threads arriving on one mbarrier word serialize.
+  // threads arriving on one mbarrier word serialize. No-op for stage < 0 (nothing to release).
   __device__ static void release_stage(Smem& smem, int stage, int lane) {
     __syncwarp();
-    if (lane == 0) Mbarrier::arrive(&smem.kv_empty[stage]);
+    mbarrier_arrive_if(&smem.kv_empty[stage < 0 ? 0 : stage], lane == 0 && stage >= 0);
   }
 
   // The owner warpgroup: its probabilities (fp32 accumulator layout, see softmax.cuh) as the P tile

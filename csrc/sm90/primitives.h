@@ -89,11 +89,13 @@ __device__ __forceinline__ void fence_accumulator(float (&acc)[N]) {
   for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(acc[i]);
 }
 
-// bar.sync is .aligned: all threads of a warp must execute it together. Callers reach it after
-// divergent code (lane-predicated stores, the V-tail loop), so reconverge the warp explicitly first.
+// The non-.aligned form (`bar.sync` is `barrier.sync.aligned`): the two MMA warpgroups meet at the
+// per-stage P barrier from different instructions (the stage owner in own_page, the other in
+// follow_page), which .aligned does not allow. Callers also reach it after divergent code
+// (lane-predicated stores, the V-tail loop), so the warp is reconverged first.
 __device__ __forceinline__ void named_barrier_sync(NamedBarrier id, int num_threads) {
   __syncwarp();
-  asm volatile("bar.sync %0, %1;" ::"r"(uint32_t(id)), "r"(num_threads) : "memory");
+  asm volatile("barrier.sync %0, %1;" ::"r"(uint32_t(id)), "r"(num_threads) : "memory");
 }
 
 // The per-stage barrier of NamedBarrier::PReady.
@@ -107,6 +109,14 @@ __device__ __forceinline__ void fence_view_async_shared() {
 }
 
 using Mbarrier = cutlass::arch::ClusterTransactionBarrier;
+
+// One mbarrier arrival from the threads where `pred` holds, as a single predicated instruction: no
+// branch, so it can sit between a wgmma's issue and its wait without ptxas serializing the wgmma.
+__device__ __forceinline__ void mbarrier_arrive_if(uint64_t* bar, bool pred) {
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %1, 0;\n\t@p mbarrier.arrive.shared::cta.b64 _, [%0];\n\t}"
+      ::"r"(cute::cast_smem_ptr_to_uint(bar)), "r"(int(pred)) : "memory");
+}
 
 // L2 policy for KV pages: each page is read by the few CTAs of one request at nearly the same time
 // and never again in this step, so let it leave L2 first.
