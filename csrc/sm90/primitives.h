@@ -110,8 +110,7 @@ __device__ __forceinline__ void fence_view_async_shared() {
 
 using Mbarrier = cutlass::arch::ClusterTransactionBarrier;
 
-// One mbarrier arrival from the threads where `pred` holds, as a single predicated instruction: no
-// branch, so it can sit between a wgmma's issue and its wait without ptxas serializing the wgmma.
+// One mbarrier arrival from the threads where `pred` holds, as a single predicated instruction.
 __device__ __forceinline__ void mbarrier_arrive_if(uint64_t* bar, bool pred) {
   asm volatile(
       "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %1, 0;\n\t@p mbarrier.arrive.shared::cta.b64 _, [%0];\n\t}"
