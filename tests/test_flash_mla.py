@@ -47,6 +47,8 @@ GRID = (
     + [(2, 1, h, k, torch.bfloat16, False) for h in (16, 128) for k in ("0", "1", "63", "64", "65", "4096", "32768")]
     + [(64, 2, h, "normal:1024", dt, c) for h in (16, 128) for dt in (torch.bfloat16, torch.float16) for c in (False, True)]
     + [(128, 1, 128, "normal:512", torch.float16, False), (128, 4, 32, "normal:300", torch.bfloat16, True)]
+    # fewer requests than parts, all within the budget: one part each, nothing split
+    + [(100, 2, 16, "normal:300", torch.bfloat16, True)]
     # the limits: the largest batch and the longest DeepSeek context (160k tokens)
     + [(4096, 1, 16, "100", torch.bfloat16, False), (1, 2, 16, "163840", torch.bfloat16, True)]
 )
@@ -57,7 +59,11 @@ def test_decode_matches_reference(b, s_q, h_q, seqlens, dtype, causal):
     check_case(b, s_q, h_q, seqlens, dtype, causal)
 
 
-@pytest.mark.parametrize("b,h_q,kind", [(1, 16, "100"), (128, 128, "normal:4096"), (64, 16, "mixed"), (500, 64, "normal:300")])
+@pytest.mark.parametrize(
+    "b,h_q,kind",
+    [(1, 16, "100"), (128, 128, "normal:4096"), (64, 16, "mixed"), (500, 64, "normal:300"), (128, 16, "16384"),
+     (100, 32, "normal:300")],
+)
 def test_scheduler_matches_python_model(b, h_q, kind):
     seqlens = seqlens_for(kind, b, torch.Generator().manual_seed(1))
     meta, splits = get_mla_metadata(torch.tensor(seqlens, dtype=torch.int32, device="cuda"), h_q, 1)

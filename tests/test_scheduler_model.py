@@ -27,6 +27,8 @@ CASES = [
     [0, 0, 0, 5000],
     [163840],
     [4096] * 128,
+    [16384] * 128,
+    [16384] * 100,
     [random.Random(s).choice([0, 1, 64, 65, 1000, 20000]) for s in range(300)],
     [random.Random(7 + s).randint(1, 16384) for s in range(4096)],
 ]
@@ -75,6 +77,30 @@ def test_balance_within_one_request_overhead():
             cost[part] += end - first + FIXED_OVERHEAD_PAGES
     ideal = (sum(map(num_pages_of, seqlens)) + FIXED_OVERHEAD_PAGES * len(seqlens)) / parts
     assert max(cost) <= ideal + 2 * FIXED_OVERHEAD_PAGES + 1
+
+
+def test_few_requests_within_budget_get_a_part_each():
+    # 128 x 256 pages on 132 parts: budget 259 pages. Cutting each request at the budget would leave
+    # 2-page pieces, each with a whole fixed overhead, a partial and a combine; one part per request
+    # instead overshoots the budget by 2 pages.
+    plan = plan_splits([16384] * 128, 132)
+    assert plan.num_splits == list(range(129))
+    assert plan.records[:128] == [SchedRecord(i, 0, i, 256, i) for i in range(128)]
+    assert all(r.begin_req > r.end_req for r in plan.records[128:])
+    # Uneven lengths within the budget: still one part each, never two requests in one part.
+    seqlens = [16384 - 64 * (i % 7) for i in range(128)]
+    plan = plan_splits(seqlens, 132)
+    assert [(r.begin_req, r.end_req) for r in plan.records[:128]] == [(i, i) for i in range(128)]
+
+
+@pytest.mark.parametrize(
+    "seqlens,parts",
+    [([64 * 400] * 128, 132), ([16384] * 100, 132), ([16384] * 128, 66), ([1024] * 4, 132), ([8192], 132)],
+    ids=["longer_than_budget", "fewer_requests_than_parts", "more_requests_than_parts", "b4", "b1"],
+)
+def test_requests_are_split_when_that_uses_more_parts(seqlens, parts):
+    plan = plan_splits(seqlens, parts)
+    assert plan.num_splits[-1] > len(seqlens)
 
 
 def test_idle_parts_are_empty_ranges():

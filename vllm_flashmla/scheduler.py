@@ -33,6 +33,7 @@ def plan_splits(cache_seqlens: Sequence[int], num_sm_parts: int) -> SchedulePlan
     pages = [num_pages_of(int(s)) for s in cache_seqlens]
     total = sum(pages) + FIXED_OVERHEAD_PAGES * b
     budget = (total + num_sm_parts - 1) // num_sm_parts + FIXED_OVERHEAD_PAGES
+    part_per_request = b <= num_sm_parts and max(pages, default=0) <= budget
 
     records: list[SchedRecord] = []
     num_splits = [0] * (b + 1)
@@ -43,7 +44,10 @@ def plan_splits(cache_seqlens: Sequence[int], num_sm_parts: int) -> SchedulePlan
             continue
         begin = (req, page, splits_before + pieces_of_req)
         end_req, end_page = b - 1, 0
-        remaining = None if part + 1 == num_sm_parts else budget  # the last part takes the rest
+        if part + 1 == num_sm_parts:
+            remaining = None  # the last part takes the rest
+        else:
+            remaining = pages[req] + FIXED_OVERHEAD_PAGES if part_per_request else budget
         while req < b:
             left = pages[req] - page
             if remaining is None or left + FIXED_OVERHEAD_PAGES <= remaining:

@@ -19,18 +19,27 @@ __device__ __forceinline__ int visible_keys(const DecodeParams& params, int seql
   return params.causal ? seqlen - (params.s_q - 1 - row / params.h_q) : seqlen;
 }
 
+// Pages before this one hold only keys that every valid query row of the tile may see, so their
+// scores need no mask. Rows past s_q * h_q (padding, never stored) then score 0 against real keys,
+// which is harmless; from this page on, the mask also gives them -inf. Visibility grows with the row.
+__device__ __forceinline__ int first_masked_page(const DecodeParams& params, int seqlen, int first_row) {
+  const int fewest_visible = visible_keys(params, seqlen, first_row);
+  return fewest_visible <= 0 ? 0 : fewest_visible / PAGE_SIZE;
+}
+
 // The owner of the page in `stage`, once its S = Q K^T is complete: online softmax, then publish P
 // (over the stage's RoPE box), the new row maxima and the zeroed V tail rows to the other warpgroup.
+// Returns whether one of this thread's row maxima moved (O needs a rescale).
 template <typename Config>
-__device__ __forceinline__ void own_page(SharedStorage<Config>& smem, OnlineSoftmax<Config>& softmax,
+__device__ __forceinline__ bool own_page(SharedStorage<Config>& smem, OnlineSoftmax<Config>& softmax,
                                          float (&s)[Config::S_FRAG], float (&o_scale)[2], int page, int seqlen,
-                                         const int (&visible)[2], int stage, int wg_tid) {
+                                         const int (&visible)[2], int masked_from, int stage, int wg_tid) {
   using Loop = Mainloop<Config>;
   const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
-  softmax.mask(s, page * PAGE_SIZE, visible, lane);
+  if (page >= masked_from) softmax.mask(s, page * PAGE_SIZE, visible, lane);
   float page_max[2];
   softmax.local_max(s, page_max);
-  softmax.update(s, page_max, o_scale);
+  const bool moved = softmax.update(s, page_max, o_scale);
   Loop::store_p(smem, stage, s, wg_tid);
   if (lane % 4 == 0) {
     smem.row_max[stage][r0] = softmax.row_max[0];
@@ -42,20 +51,26 @@ __device__ __forceinline__ void own_page(SharedStorage<Config>& smem, OnlineSoft
   // while this QK^T ran), and a sync also orders its reads of row_max[stage] before this warpgroup's
   // next write there, two pages later, for compute-sanitizer's racecheck as for the hardware.
   named_barrier_sync(p_ready(stage), Config::NUM_MMA_THREADS);
+  return moved;
 }
 
 // The other warpgroup: wait for the owner's P of the page in `stage` and take its row maxima.
+// Returns whether one of this thread's row maxima moved.
 template <typename Config>
-__device__ __forceinline__ void follow_page(SharedStorage<Config>& smem, OnlineSoftmax<Config>& softmax,
+__device__ __forceinline__ bool follow_page(SharedStorage<Config>& smem, OnlineSoftmax<Config>& softmax,
                                             float (&o_scale)[2], int stage, int wg_tid) {
   const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
   named_barrier_sync(p_ready(stage), Config::NUM_MMA_THREADS);
   const float owner_max[2] = {smem.row_max[stage][r0], smem.row_max[stage][r0 + 8]};
-  softmax.follow(owner_max, o_scale);
+  return softmax.follow(owner_max, o_scale);
 }
 
+// O *= o_scale row by row. Once a request's first pages have set the row maxima they rarely move, and
+// a warp none of whose rows moved skips the 128 multiplies that would otherwise sit between the P
+// barrier and the next wgmma. No wgmma is in flight here, so the branch is free to diverge by warp.
 template <typename Config>
-__device__ __forceinline__ void rescale(float (&o)[Config::O_FRAG], const float (&o_scale)[2]) {
+__device__ __forceinline__ void rescale(float (&o)[Config::O_FRAG], const float (&o_scale)[2], bool moved) {
+  if (!__any_sync(0xffffffffu, moved)) return;
 #pragma unroll
   for (int j = 0; j < Config::O_FRAG / 4; ++j) {
     o[4 * j] *= o_scale[0];
@@ -117,6 +132,7 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
     const int page_end = end_page(rec, req, num_pages_of(seqlen));
     const int visible[2] = {visible_keys(params, seqlen, m_block * Config::BLOCK_M + r0),
                             visible_keys(params, seqlen, m_block * Config::BLOCK_M + r0 + 8)};
+    const int masked_from = first_masked_page(params, seqlen, m_block * Config::BLOCK_M);
 
     Loop::load_q(smem, params, req, m_block, tid);
     OnlineSoftmax<Config> softmax(params.scale_log2);
@@ -135,8 +151,8 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
     while (page < page_end) {
       int pv_pending = -1;  // stage of a PV on the other's page not yet known complete
       if (pipe.stage != wg) {
-        follow_page(smem, softmax, o_scale, pipe.stage, wg_tid);
-        rescale<Config>(o, o_scale);
+        const bool moved = follow_page(smem, softmax, o_scale, pipe.stage, wg_tid);
+        rescale<Config>(o, o_scale, moved);
         Loop::issue_pv(smem, pipe.stage, wg, o);
         pv_pending = pipe.stage;
         pipe.advance();
@@ -154,8 +170,8 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
       Loop::template wait_mma<1>(o);
       Loop::release_stage(smem, pv_pending, lane);
       Loop::template wait_mma<0>(s);
-      own_page(smem, softmax, s, o_scale, page, seqlen, visible, pipe.stage, wg_tid);
-      rescale<Config>(o, o_scale);
+      const bool moved = own_page(smem, softmax, s, o_scale, page, seqlen, visible, masked_from, pipe.stage, wg_tid);
+      rescale<Config>(o, o_scale, moved);
       Loop::issue_pv(smem, pipe.stage, wg, o);
       Loop::template wait_mma<0>(o);
       Loop::release_stage(smem, pipe.stage, lane);

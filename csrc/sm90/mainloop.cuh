@@ -123,7 +123,7 @@ struct Mainloop {
   // threads arriving on one mbarrier word serialize. No-op for stage < 0 (nothing to release).
   __device__ static void release_stage(Smem& smem, int stage, int lane) {
     __syncwarp();
-    mbarrier_arrive_if(&smem.kv_empty[stage < 0 ? 0 : stage], lane == 0 && stage >= 0);
+    if (lane == 0 && stage >= 0) Mbarrier::arrive(&smem.kv_empty[stage]);
   }
 
   // The owner warpgroup: its probabilities (fp32 accumulator layout, see softmax.cuh) as the P tile

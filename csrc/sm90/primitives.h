@@ -110,13 +110,6 @@ __device__ __forceinline__ void fence_view_async_shared() {
 
 using Mbarrier = cutlass::arch::ClusterTransactionBarrier;
 
-// One mbarrier arrival from the threads where `pred` holds, as a single predicated instruction.
-__device__ __forceinline__ void mbarrier_arrive_if(uint64_t* bar, bool pred) {
-  asm volatile(
-      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %1, 0;\n\t@p mbarrier.arrive.shared::cta.b64 _, [%0];\n\t}"
-      ::"r"(cute::cast_smem_ptr_to_uint(bar)), "r"(int(pred)) : "memory");
-}
-
 // L2 policy for KV pages: each page is read by the few CTAs of one request at nearly the same time
 // and never again in this step, so let it leave L2 first.
 constexpr uint64_t CACHE_HINT_EVICT_FIRST = uint64_t(cute::TMA::CacheHintSm90::EVICT_FIRST);

@@ -61,11 +61,12 @@ struct OnlineSoftmax {
   }
 
   // Owner of a page: fold in its scores, `page_max` being the row max over them. Turns s into
-  // probabilities relative to the new running max and returns the factor O must be rescaled by.
-  // A row that has seen only masked keys keeps max = -inf; its probabilities and factors are 0.
-  __device__ void update(float (&s)[S_FRAG], const float (&page_max)[ROWS], float (&o_scale)[ROWS]) {
+  // probabilities relative to the new running max and returns the factor O must be rescaled by
+  // (exactly 1 for a row whose max did not move; true if some row's did).
+  // A row that has seen only masked keys keeps max = -inf; its probabilities are 0.
+  __device__ bool update(float (&s)[S_FRAG], const float (&page_max)[ROWS], float (&o_scale)[ROWS]) {
     float max_scaled[ROWS];
-    advance_max(page_max, o_scale, max_scaled);
+    const bool moved = advance_max(page_max, o_scale, max_scaled);
 #pragma unroll
     for (int j = 0; j < S_FRAG / 4; ++j) {
 #pragma unroll
@@ -76,13 +77,14 @@ struct OnlineSoftmax {
         row_sum[1] += s[4 * j + 2 + e];
       }
     }
+    return moved;
   }
 
   // The other warpgroup: take the running max the owner published (its row_max after the page) and
   // return the same O rescale factor the owner computed: same inputs, same instructions, same bits.
-  __device__ void follow(const float (&owner_max)[ROWS], float (&o_scale)[ROWS]) {
+  __device__ bool follow(const float (&owner_max)[ROWS], float (&o_scale)[ROWS]) {
     float max_scaled[ROWS];
-    advance_max(owner_max, o_scale, max_scaled);
+    return advance_max(owner_max, o_scale, max_scaled);
   }
 
   // This thread's share of each row's sum (reduced over the quad).
@@ -101,15 +103,22 @@ struct OnlineSoftmax {
   }
 
  private:
-  __device__ void advance_max(const float (&page_max)[ROWS], float (&o_scale)[ROWS], float (&max_scaled)[ROWS]) {
+  // The factor is tested by comparing maxima, not by computing it: exp2(a * c - b) with b = a * c
+  // rounded is not exactly 1 once the multiply-add is fused. A row whose max stays put (also one
+  // still at -inf: its O and sum are 0) gets exactly 1, so the caller can skip the rescale of O.
+  __device__ bool advance_max(const float (&page_max)[ROWS], float (&o_scale)[ROWS], float (&max_scaled)[ROWS]) {
+    bool moved = false;
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const float new_max = fmaxf(row_max[r], page_max[r]);
       max_scaled[r] = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      o_scale[r] = exp2f(row_max[r] * scale_log2 - max_scaled[r]);
+      const bool row_moved = new_max != row_max[r];
+      o_scale[r] = row_moved ? exp2f(row_max[r] * scale_log2 - max_scaled[r]) : 1.f;
+      moved |= row_moved;
       row_max[r] = new_max;
       row_sum[r] *= o_scale[r];
     }
+    return moved;
   }
 };
 
