@@ -25,14 +25,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +46,7 @@ if importlib.util.find_spec("vllm_flashmla") is None:
     sys.path.append(REPO_ROOT)
 
 import make_table  # noqa: E402  (benchmarks/make_table.py: summary and Markdown table, no torch)
+from results_io import default_results_path, git_state, nvidia_smi, write_json  # noqa: E402
 from vllm_flashmla._layout import D_QK, D_ROPE, D_V, PAGE_SIZE  # noqa: E402
 
 SOFTMAX_SCALE = D_QK**-0.5  # passed explicitly: FA3's default would be 1/sqrt(64) of its q_pe
@@ -604,13 +602,6 @@ def cuda_healthy() -> bool:
 # Environment and output
 
 
-def run_cmd(cmd: list[str], cwd: str | None = None) -> str | None:
-    try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 NVSMI_FIELDS = [
     "name",
     "uuid",
@@ -628,13 +619,7 @@ NVSMI_FIELDS = [
 
 def gpu_clocks(uuid: str | None) -> dict | None:
     """nvidia-smi's view of the benchmarked GPU (first GPU if its UUID is not recognised)."""
-    cmd = ["nvidia-smi", f"--query-gpu={','.join(NVSMI_FIELDS)}", "--format=csv,noheader"]
-    text = run_cmd([*cmd, "-i", uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"]) if uuid else None
-    text = text or run_cmd(cmd)
-    if not text:
-        return None
-    values = [v.strip() for v in text.splitlines()[0].split(",")]
-    return dict(zip(NVSMI_FIELDS, values, strict=True)) if len(values) == len(NVSMI_FIELDS) else {"raw": text}
+    return nvidia_smi(NVSMI_FIELDS, uuid)
 
 
 def environment(args, status: dict) -> dict:
@@ -649,9 +634,7 @@ def environment(args, status: dict) -> dict:
         versions["vllm"] = f"unavailable: {exc}"
     spec = importlib.util.find_spec("vllm_flashmla")
     versions["vllm_flashmla_path"] = os.path.dirname(spec.origin) if spec and spec.origin else None
-    # The GPU host gets a copy of the tree without .git: the caller passes the commit it benchmarks.
-    commit = os.environ.get("BENCH_GIT_COMMIT") or run_cmd(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
-    dirty = run_cmd(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
+    commit, dirty = git_state()
     return {
         "gpu": props.name,
         "gpu_props": {
@@ -663,8 +646,8 @@ def environment(args, status: dict) -> dict:
         },
         "clocks": gpu_clocks(uuid),
         "versions": versions,
-        "git_commit": commit or "unknown",
-        "git_dirty": bool(dirty) if dirty is not None else None,
+        "git_commit": commit,
+        "git_dirty": dirty,
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "method": {
@@ -689,18 +672,7 @@ def environment(args, status: dict) -> dict:
 
 
 def write_results(path: str, env: dict, rows: list[dict], complete: bool) -> None:
-    doc = {**env, "complete": complete, "rows": rows, "summary": make_table.summary_dict(rows)}
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(make_table.json_safe(doc), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def default_out_path(gpu: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "gpu"
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return os.path.join(BENCH_DIR, "results", f"decode_{slug}_{stamp}.json")
+    write_json(path, {**env, "complete": complete, "rows": rows, "summary": make_table.summary_dict(rows)})
 
 
 def progress_line(i: int, total: int, shape: Shape, rows: list[dict], seconds: float) -> str:
@@ -775,7 +747,7 @@ def main(argv=None) -> int:
         if not st["available"]:
             print(f"warning: {name} unavailable, recording error rows: {st['reason']}", file=sys.stderr)
     env = environment(args, status)
-    out_path = args.out or default_out_path(env["gpu"])
+    out_path = args.out or default_results_path("decode", env["gpu"])
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     l2_bytes = env["gpu_props"]["l2_bytes"] or 50 * 2**20
     print(

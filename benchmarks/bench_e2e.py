@@ -34,7 +34,6 @@ import importlib.util
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
@@ -60,7 +59,7 @@ from vllm_flashmla._layout import D_QK  # noqa: E402
 from vllm_flashmla.models import TINY_MODEL_DIR  # noqa: E402
 
 sys.path.insert(0, str(BENCH_DIR))
-from make_table import json_safe  # noqa: E402  (torch-free helpers shared with bench_decode.py)
+from results_io import default_results_path, git_state, nvidia_smi, write_json  # noqa: E402
 
 BLOCK_SIZE = 64  # the page size of our kernels and of vLLM's FlashMLA
 WORKER_MARK = "@@bench_e2e@@"  # worker lines the parent echoes to the console; the rest goes to the log
@@ -311,13 +310,6 @@ def say(msg: str, t0: float) -> None:
     print(f"{WORKER_MARK} {time.monotonic() - t0:6.1f}s {msg}", flush=True)
 
 
-def save(record: dict, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(json_safe(record), f, indent=1)
-    os.replace(tmp, path)
-
-
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -377,7 +369,7 @@ def worker_main(spec: dict) -> None:
         traceback.print_exc()
         rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         say(f"ERROR after phase {rec['phase']}: {rec['error'][:300]}", t0)
-    save(rec, path)
+    write_json(path, rec)
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip vLLM's engine teardown: it can take many seconds, and nothing after the record matters.
@@ -448,7 +440,7 @@ def run_worker_phases(spec: dict, rec: dict, t0: float) -> None:
     rec["timings_s"] = {"engine_start": round(time.monotonic() - t, 1)}
     rec["impl_class"] = facts["impl_classes"][0] if len(facts["impl_classes"]) == 1 else facts["impl_classes"]
     rec["phase"] = "engine_ready"
-    save(rec, path)
+    write_json(path, rec)
     say(f"engine ready: impl {rec['impl_class']}, cudagraph_mode {facts['cudagraph_mode']}", t0)
     if facts["impl_classes"] != [spec["impl_class"]]:
         raise WrongBackend(f"attention layers hold {facts['impl_classes']}, expected {spec['impl_class']}")
@@ -482,7 +474,7 @@ def run_worker_phases(spec: dict, rec: dict, t0: float) -> None:
     rec["timings_s"]["prefill"] = round(time.monotonic() - t, 1)
     rec["prefill_steps"] = prefill_steps
     rec["phase"] = "prefilled"
-    save(rec, path)
+    write_json(path, rec)
 
     say(f"timing {spec['warmup_steps']} + {spec['repeats']} x {spec['decode_steps']} decode steps", t0)
     t = time.monotonic()
@@ -504,7 +496,7 @@ def run_worker_phases(spec: dict, rec: dict, t0: float) -> None:
     rec.update(step_stats(step_s, batch, spec["repeats"]))
     rec["step_ms"] = [round(s * 1e3, 4) for s in step_s]
     rec["phase"] = "timed"
-    save(rec, path)
+    write_json(path, rec)
     tps, tpot = rec["tokens_per_s"], rec["tpot_ms"]
     say(
         f"{tps['median']:.0f} tokens/s [{tps['min']:.0f}, {tps['max']:.0f}], "
@@ -565,28 +557,8 @@ def profile_steps(engine, batch: int, spec: dict, num_layers: int) -> dict:
 # Parent: plan, workers, results
 
 
-def write_results(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_safe(doc), indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def run_cmd(cmd: list[str]) -> str | None:
-    try:
-        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
+# nvidia-smi fields recorded before and after the runs.
 NVSMI_FIELDS = ["name", "driver_version", "clocks.sm", "clocks.max.sm", "power.limit", "temperature.gpu"]
-
-
-def nvidia_smi() -> dict | None:
-    text = run_cmd(["nvidia-smi", f"--query-gpu={','.join(NVSMI_FIELDS)}", "--format=csv,noheader"])
-    if not text:
-        return None
-    values = [v.strip() for v in text.splitlines()[0].split(",")]
-    return dict(zip(NVSMI_FIELDS, values)) if len(values) == len(NVSMI_FIELDS) else {"raw": text}
 
 
 def package_version(name: str) -> str | None:
@@ -737,12 +709,6 @@ def table(summary: dict, order: list[str]) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def default_out_path(gpu: str | None) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", (gpu or "gpu").lower()).strip("-") or "gpu"
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return BENCH_DIR / "results" / f"e2e_{slug}_{stamp}.json"
 
 
 def plan(args) -> dict:
@@ -921,9 +887,9 @@ def main(argv=None) -> int:
 
     t_start = time.monotonic()
     cfg = plan(args)
-    smi = nvidia_smi()
+    smi = nvidia_smi(NVSMI_FIELDS)
     gpu = smi.get("name") if smi else None
-    out_path = Path(args.out) if args.out else default_out_path(gpu)
+    out_path = Path(args.out) if args.out else default_results_path("e2e", gpu)
 
     def say_parent(msg: str) -> None:
         print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", flush=True)
@@ -950,8 +916,7 @@ def main(argv=None) -> int:
                 "vllm": package_version("vllm"),
                 "python": platform.python_version(),
             },
-            # The GPU host may get a copy of the tree without .git: the caller passes the commit.
-            "git_commit": os.environ.get("BENCH_GIT_COMMIT") or run_cmd(["git", "rev-parse", "HEAD"]) or "unknown",
+            "git_commit": None,
             "git_dirty": None,
             "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -961,9 +926,8 @@ def main(argv=None) -> int:
             "results": [],
             "summary": {},
         }
-        dirty = run_cmd(["git", "status", "--porcelain", "--untracked-files=no"])
-        doc["git_dirty"] = bool(dirty) if dirty is not None else None
-        write_results(out_path, doc)
+        doc["git_commit"], doc["git_dirty"] = git_state()
+        write_json(out_path, doc)
         say_parent(
             f"{gpu or 'unknown GPU'} | {cfg['batch']} x {cfg['context']} tokens, h_q {args.heads}, "
             f"{args.layers} layers | -> {out_path} | logs in {log_dir}"
@@ -987,15 +951,15 @@ def main(argv=None) -> int:
                 doc["versions"].update(rec.get("versions", {}))
             doc["results"].append(rec)
             doc["summary"] = summarize(doc["results"])
-            write_results(out_path, doc)
+            write_json(out_path, doc)
             say_parent(f"[{i}/{len(runs)}] {label}: {record_line(rec)}")
             for line in kernel_lines(rec):
                 print(line, flush=True)
 
     doc["complete"] = True
     doc["wall_s"] = round(time.monotonic() - t_start, 1)
-    doc["nvidia_smi_after"] = nvidia_smi()
-    write_results(out_path, doc)
+    doc["nvidia_smi_after"] = nvidia_smi(NVSMI_FIELDS)
+    write_json(out_path, doc)
     print(f"\nwrote {out_path} ({doc['wall_s']} s)\n")
     print(table(doc["summary"], args.backend_list))
     print(

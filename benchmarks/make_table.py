@@ -19,17 +19,6 @@ IMPL_ORDER = ("ours", "flashmla", "fa3mla")
 SPEEDUP_DEFINITION = "best peer us / ours us (> 1: ours faster)"
 
 
-def json_safe(value):
-    """NaN/inf floats become null so the results files are strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def load(path: str) -> dict:
     with open(path) as f:
         doc = json.load(f)

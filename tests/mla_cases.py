@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_flashmla._layout import D_QK, D_V, PAGE_SIZE
+from vllm_flashmla._layout import D_QK, PAGE_SIZE
 
 INVALID_PAGE = 2**31 - 1  # in unused block-table slots: any read of it is a bug
 

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +30,21 @@ import torch
 # The TP=1 engine runner, the prompts and the comparison are the single-GPU e2e test's, so both
 # tests hold our backend to the same tolerance. (That module skips itself without vLLM, and with
 # it this one.)
-from test_e2e_vllm import PLUGIN_LOG_LINE, _env, _free_port, _prompts, compare_greedy, run_engine
+from test_e2e_vllm import (
+    PLUGIN_LOG_LINE,
+    _assert_plugin_loaded,
+    _env,
+    _free_port,
+    _prompts,
+    _wait_until_healthy,
+    compare_greedy,
+    run_engine,
+)
 
 TP = 2
 # DeepSeek-V3 has 128 heads (8 to 16 per GPU in practice); 32 gives each of the 2 ranks 16 heads.
 NUM_HEADS = 32
 SERVED_NAME = "tiny-deepseek-v3-32h"
-SERVER_START_TIMEOUT_S = 900
 
 NO_MULTICAST_ENV = {
     "NCCL_NVLS_ENABLE": "0",
@@ -122,26 +129,6 @@ def _pid_tagged_logging_config() -> dict:
     return config
 
 
-def _log_tail(log_path: Path, chars: int = 6000) -> str:
-    return log_path.read_text(errors="replace")[-chars:]
-
-
-def _wait_until_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while True:
-        assert proc.poll() is None, f"vllm serve exited with {proc.returncode}:\n{_log_tail(log_path)}"
-        assert time.monotonic() < deadline, (
-            f"vllm serve not healthy after {SERVER_START_TIMEOUT_S} s:\n{_log_tail(log_path)}"
-        )
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:  # not listening yet, or 503 while the engine starts
-            pass
-        time.sleep(2)
-
-
 def _stop_process_group(proc: subprocess.Popen, grace_s: float = 60) -> None:
     """SIGTERM the server's whole process group, then SIGKILL whatever is left after grace_s.
 
@@ -211,12 +198,7 @@ def tp2_server(checkpoint, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_healthy(proc, url, log_path)
-        # vLLM loads our plugin only through the installed entry point; without it the server
-        # would run vLLM's own FlashMLA backend and test nothing of ours.
-        assert PLUGIN_LOG_LINE in log_path.read_text(), (
-            "vllm serve did not load the vllm-flashmla plugin: install the package "
-            "(pip install --no-build-isolation -e .)"
-        )
+        _assert_plugin_loaded(log_path)
         yield Server(url=url, log_path=log_path)
     finally:
         _stop_process_group(proc)
