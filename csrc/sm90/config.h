@@ -55,6 +55,9 @@ struct DecodeConfig {
   static constexpr int MMA_K = 16;                                        // wgmma K for 16-bit inputs
   static constexpr int QK_STEPS = D_QK / MMA_K;                           // 36
   static constexpr int QK_STEPS_PER_BOX = BOX_COLS / MMA_K;               // 4
+  // QK^T is issued as a head of this many K steps, then the rest, with the release of the other stage
+  // in between (see the mainloop). One box covers the release; two measured the same on the H100.
+  static constexpr int QK_HEAD_STEPS = QK_STEPS_PER_BOX;
   static constexpr int PV_STEPS = BLOCK_N / MMA_K;                        // 4
   static constexpr int P_BOX = NUM_QK_BOXES - 1;                          // the RoPE box, reused for P
   // Accumulator fragments: each thread of a warpgroup holds N/2 fp32 values of a 64xN wgmma tile.
@@ -67,6 +70,7 @@ struct DecodeConfig {
   static_assert(D_QK % BOX_COLS == 0 && D_V % BOX_COLS == 0, "rows must split into whole boxes");
   static_assert(O_COLS_PER_WG % BOX_COLS == 0, "each warpgroup owns whole V boxes");
   static_assert(O_COLS_PER_WG <= 256, "wgmma N is at most 256");
+  static_assert(0 < QK_HEAD_STEPS && QK_HEAD_STEPS < QK_STEPS, "the QK^T head is a proper part of the K steps");
   static_assert(NUM_MMA_THREADS % 128 == 0, "wgmma needs whole warpgroups");
   static_assert(PRODUCER_REGS * NUM_PRODUCER_THREADS + MMA_REGS * NUM_MMA_THREADS <= REGISTER_FILE,
                 "setmaxnreg budgets must fit the register file");

@@ -162,13 +162,16 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
           break;
         }
       }
-      // This warpgroup's page.
+      // This warpgroup's page. The other's page is dead once this warpgroup's PV on it (issued before)
+      // is done; its stage takes the page after next, whose load latency (~1.4 us under load) is what
+      // bounds the page rate when MMA-bound. So the stage is freed between a short head of the QK^T,
+      // which keeps the tensor cores busy meanwhile, and the rest: issuing all 36 K steps first would
+      // hold the release back until most of the QK^T had run (wgmma issue stalls while the pipe is full).
       Mbarrier::wait(&smem.kv_full[pipe.stage], pipe.phase);
-      Loop::issue_qk(smem, pipe.stage, s);
-      // The other's page is dead once this warpgroup's PV on it (issued before the QK^T) is done:
-      // free its stage for the next load without also waiting for the QK^T.
+      Loop::template issue_qk<0, Config::QK_HEAD_STEPS>(smem, pipe.stage, s);
       Loop::template wait_mma<1>(o);
       Loop::release_stage(smem, pv_pending, lane);
+      Loop::template issue_qk<Config::QK_HEAD_STEPS, Config::QK_STEPS>(smem, pipe.stage, s);
       Loop::template wait_mma<0>(s);
       const bool moved = own_page(smem, softmax, s, o_scale, page, seqlen, visible, masked_from, pipe.stage, wg_tid);
       rescale<Config>(o, o_scale, moved);

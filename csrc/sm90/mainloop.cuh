@@ -79,13 +79,16 @@ struct Mainloop {
     named_barrier_sync(NamedBarrier::QReady, Config::NUM_MMA_THREADS);
   }
 
-  // The owner warpgroup: issue s = Q K^T over all 64 keys of the page in `stage` (K = all 576
-  // columns) as one wgmma group. Completes at the matching wait_mma.
+  // The owner warpgroup: issue K steps [FIRST_STEP, END_STEP) of s = Q K^T over all 64 keys of the page
+  // in `stage` (the whole product is K = 576 columns, QK_STEPS steps) as one wgmma group; the first
+  // step overwrites s, later ones (also in a later group) accumulate. Completes at the matching wait_mma.
+  template <int FIRST_STEP, int END_STEP>
   __device__ static void issue_qk(Smem& smem, int stage, float (&s)[Config::S_FRAG]) {
+    static_assert(0 <= FIRST_STEP && FIRST_STEP < END_STEP && END_STEP <= Config::QK_STEPS, "K steps of QK^T");
     fence_accumulator(s);
     cute::warpgroup_arrive();
 #pragma unroll
-    for (int t = 0; t < Config::QK_STEPS; ++t) {
+    for (int t = FIRST_STEP; t < END_STEP; ++t) {
       const int box = t / Config::QK_STEPS_PER_BOX;
       const int k_bytes = (t % Config::QK_STEPS_PER_BOX) * Config::MMA_K * int(sizeof(Element));
       const uint64_t desc_q = desc_advance(smem_desc_k_major(smem.q[box]), k_bytes);
