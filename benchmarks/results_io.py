@@ -42,9 +42,14 @@ def run_cmd(cmd: list[str]) -> str | None:
 
 
 def git_state() -> tuple[str, bool | None]:
-    """(commit, dirty) of the benchmarked tree. The GPU host gets a copy of the tree without .git, so
-    the caller passes the commit it benchmarks in BENCH_GIT_COMMIT."""
-    commit = os.environ.get("BENCH_GIT_COMMIT") or run_cmd(["git", "rev-parse", "HEAD"]) or "unknown"
+    """(commit, dirty) of the benchmarked tree; dirty is None when it cannot be known. The GPU host gets
+    a copy of the tree that is not a checkout of this repository, so the caller passes the commit it
+    benchmarks in BENCH_GIT_COMMIT, and what git answers there is not about this tree unless its HEAD is
+    that commit."""
+    head = run_cmd(["git", "rev-parse", "HEAD"])
+    commit = os.environ.get("BENCH_GIT_COMMIT") or head or "unknown"
+    if head is None or head != commit:
+        return commit, None
     dirty = run_cmd(["git", "status", "--porcelain", "--untracked-files=no"])
     return commit, (bool(dirty) if dirty is not None else None)
 
