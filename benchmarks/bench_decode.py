@@ -602,6 +602,7 @@ def cuda_healthy() -> bool:
 # Environment and output
 
 
+# nvidia-smi's view of the benchmarked GPU, before and after the grid.
 NVSMI_FIELDS = [
     "name",
     "uuid",
@@ -615,11 +616,6 @@ NVSMI_FIELDS = [
     "temperature.gpu",
     "persistence_mode",
 ]
-
-
-def gpu_clocks(uuid: str | None) -> dict | None:
-    """nvidia-smi's view of the benchmarked GPU (first GPU if its UUID is not recognised)."""
-    return nvidia_smi(NVSMI_FIELDS, uuid)
 
 
 def environment(args, status: dict) -> dict:
@@ -644,7 +640,7 @@ def environment(args, status: dict) -> dict:
             "memory_bytes": props.total_memory,
             "uuid": uuid,
         },
-        "clocks": gpu_clocks(uuid),
+        "clocks": nvidia_smi(NVSMI_FIELDS, uuid),
         "versions": versions,
         "git_commit": commit,
         "git_dirty": dirty,
@@ -782,7 +778,7 @@ def main(argv=None) -> int:
                 print(f"    {r['impl']}: {r['error']}", file=sys.stderr, flush=True)
         write_results(out_path, env, rows, complete=False)
 
-    env["clocks_after"] = gpu_clocks(env["gpu_props"]["uuid"])
+    env["clocks_after"] = nvidia_smi(NVSMI_FIELDS, env["gpu_props"]["uuid"])
     env["wall_s"] = round(time.monotonic() - t_start, 1)
     write_results(out_path, env, rows, complete=exit_code == 0)
     if any(r["impl"] == "ours" and r["error"] and not r["error"].startswith("unavailable") for r in rows):

@@ -906,6 +906,7 @@ def main(argv=None) -> int:
         log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="bench_e2e_logs_"))
         log_dir.mkdir(parents=True, exist_ok=True)
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        git_commit, git_dirty = git_state()
         doc = {
             "benchmark": "bench_e2e",
             "gpu": gpu,
@@ -916,8 +917,8 @@ def main(argv=None) -> int:
                 "vllm": package_version("vllm"),
                 "python": platform.python_version(),
             },
-            "git_commit": None,
-            "git_dirty": None,
+            "git_commit": git_commit,
+            "git_dirty": git_dirty,
             "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": cfg,
@@ -926,7 +927,6 @@ def main(argv=None) -> int:
             "results": [],
             "summary": {},
         }
-        doc["git_commit"], doc["git_dirty"] = git_state()
         write_json(out_path, doc)
         say_parent(
             f"{gpu or 'unknown GPU'} | {cfg['batch']} x {cfg['context']} tokens, h_q {args.heads}, "
