@@ -16,7 +16,8 @@ import math
 import torch
 
 from vllm_flashmla import flash_mla_with_kvcache, get_mla_metadata
-from vllm_flashmla.reference import D_QK, D_V, PAGE_SIZE, mla_decode_reference
+from vllm_flashmla._layout import D_QK, D_V, PAGE_SIZE
+from vllm_flashmla.reference import mla_decode_reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Expected error of the kernel (P is rounded to the input dtype before P @ V, as in FlashMLA).
