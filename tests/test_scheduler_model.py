@@ -120,3 +120,13 @@ def test_record_round_trip():
 @pytest.mark.parametrize("rows,parts", [(16, 132), (64, 132), (65, 66), (128, 66), (256, 33), (1024, 8)])
 def test_num_sm_parts(rows, parts):
     assert num_sm_parts_for(132, rows) == parts
+
+
+def test_plans_for_other_overheads():
+    # benchmarks/sweep_sched_overhead.py times the plans the kernel would make with other constants.
+    seqlens = [random.Random(s).randint(1, 30000) for s in range(200)]
+    assert plan_splits(seqlens, 132) == plan_splits(seqlens, 132, FIXED_OVERHEAD_PAGES)
+    # 32 x 16 pages on 66 parts: with overhead 5 the budget (16) holds a whole request, with 2 it
+    # does not (11), so the requests are cut.
+    assert plan_splits([1024] * 32, 66, 5).num_splits == list(range(33))
+    assert plan_splits([1024] * 32, 66, 2).num_splits[-1] > 32

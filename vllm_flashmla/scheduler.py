@@ -28,11 +28,15 @@ class SchedulePlan:
     num_splits: list[int]  # [b + 1] exclusive prefix sum of the parts covering each request
 
 
-def plan_splits(cache_seqlens: Sequence[int], num_sm_parts: int) -> SchedulePlan:
+def plan_splits(
+    cache_seqlens: Sequence[int], num_sm_parts: int, fixed_overhead_pages: int = FIXED_OVERHEAD_PAGES
+) -> SchedulePlan:
+    """The device scheduler's plan. `fixed_overhead_pages` other than the kernel's constant gives the
+    plan the device would make with that constant (benchmarks/sweep_sched_overhead.py times them)."""
     b = len(cache_seqlens)
     pages = [num_pages_of(int(s)) for s in cache_seqlens]
-    total = sum(pages) + FIXED_OVERHEAD_PAGES * b
-    budget = (total + num_sm_parts - 1) // num_sm_parts + FIXED_OVERHEAD_PAGES
+    total = sum(pages) + fixed_overhead_pages * b
+    budget = (total + num_sm_parts - 1) // num_sm_parts + fixed_overhead_pages
     part_per_request = b <= num_sm_parts and max(pages, default=0) <= budget
 
     records: list[SchedRecord] = []
@@ -47,18 +51,18 @@ def plan_splits(cache_seqlens: Sequence[int], num_sm_parts: int) -> SchedulePlan
         if part + 1 == num_sm_parts:
             remaining = None  # the last part takes the rest
         else:
-            remaining = pages[req] + FIXED_OVERHEAD_PAGES if part_per_request else budget
+            remaining = pages[req] + fixed_overhead_pages if part_per_request else budget
         while req < b:
             left = pages[req] - page
-            if remaining is None or left + FIXED_OVERHEAD_PAGES <= remaining:
+            if remaining is None or left + fixed_overhead_pages <= remaining:
                 if remaining is not None:
-                    remaining -= left + FIXED_OVERHEAD_PAGES
+                    remaining -= left + fixed_overhead_pages
                 end_req, end_page = req, pages[req]
                 splits_before += pieces_of_req + 1
                 num_splits[req + 1] = splits_before
                 req, page, pieces_of_req = req + 1, 0, 0
             else:
-                take = remaining - FIXED_OVERHEAD_PAGES
+                take = remaining - fixed_overhead_pages
                 if take > 0:
                     end_req, end_page = req, page + take
                     page += take
