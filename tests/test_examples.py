@@ -1,4 +1,4 @@
-"""The example scripts import cleanly (their GPU paths run on the H100; see README): a renamed or
+"""The example scripts import cleanly (their GPU paths need a Hopper GPU; see README): a renamed or
 moved name they import fails here, on the CPU, instead of in front of a user."""
 
 import importlib.util
