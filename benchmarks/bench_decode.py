@@ -542,12 +542,19 @@ def empty_row(shape: Shape, impl: str) -> dict:
     }
 
 
+def kv_rotation(inp: Inputs, l2_bytes: int) -> tuple[list[torch.Tensor], int]:
+    """(KV-cache copies whose total is >= L2_ROTATION_FACTOR x L2, decode steps per graph): a graph's
+    steps cycle over the copies, so no step reads KV that the previous one left in L2."""
+    n_copies = min(MAX_KV_COPIES, max(1, math.ceil(L2_ROTATION_FACTOR * l2_bytes / inp.kv_bytes)))
+    kv_copies = [inp.k_cache] + [inp.k_cache.clone() for _ in range(n_copies - 1)]
+    return kv_copies, max(n_copies, MIN_CALLS_PER_GRAPH)
+
+
 def run_shape(shape: Shape, impls: dict, status: dict, names: list[str], args, l2_bytes: int) -> list[dict]:
     inp = make_inputs(shape, args.seed, "cuda")
     nbytes, flops = work(shape, inp.seqlens_cpu)
-    n_copies = min(MAX_KV_COPIES, max(1, math.ceil(L2_ROTATION_FACTOR * l2_bytes / inp.kv_bytes)))
-    kv_copies = [inp.k_cache] + [inp.k_cache.clone() for _ in range(n_copies - 1)]
-    calls = max(n_copies, MIN_CALLS_PER_GRAPH)
+    kv_copies, calls = kv_rotation(inp, l2_bytes)
+    n_copies = len(kv_copies)
 
     base = None
     ref_note = None

@@ -13,7 +13,6 @@ copies >= 4x L2, median of --reps). Needs an sm90 GPU and the built extension (n
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -45,9 +44,8 @@ def plan_tensors(seqlens: list[int], num_sm_parts: int, overhead: int) -> tuple[
 
 def sweep_shape(shape: bd.Shape, overheads: list[int], reps: int, l2_bytes: int, num_sms: int) -> dict:
     inp = bd.make_inputs(shape, 0, "cuda")
-    n = min(bd.MAX_KV_COPIES, max(1, math.ceil(bd.L2_ROTATION_FACTOR * l2_bytes / inp.kv_bytes)))
-    kv = [inp.k_cache] + [inp.k_cache.clone() for _ in range(n - 1)]
-    calls = max(n, bd.MIN_CALLS_PER_GRAPH)
+    kv, calls = bd.kv_rotation(inp, l2_bytes)
+    n = len(kv)
     out = torch.empty(shape.b, shape.s_q, shape.h_q, D_V, dtype=torch.bfloat16, device="cuda")
     base = bd.reference_baseline(inp)
     parts = num_sm_parts_for(num_sms, shape.s_q * shape.h_q)
