@@ -1,19 +1,22 @@
 // get_mla_metadata: split every request's pages over `num_sm_parts` parts so that each part carries
-// about the same cost, cost(request) = pages + FIXED_OVERHEAD_PAGES. Parts take contiguous
-// (request, page) runs in request order; a request that does not fit the rest of a part's budget is
-// cut, and continues in the next part. vllm_flashmla/scheduler.py is the same algorithm in Python,
-// and the tests compare the two bit for bit: change both together.
+// about the same cost, cost(request piece) = pages + FIXED_OVERHEAD_PAGES. vllm_flashmla/scheduler.py
+// is the same algorithm in Python, and the tests compare the two bit for bit: change both together.
 //
-// Budget per part: ceil(total_cost / num_sm_parts) + FIXED_OVERHEAD_PAGES. The extra overhead pays
-// for the one request piece a part may have to start mid-request, so the parts always cover all work;
-// the last part takes whatever is left regardless, as a guarantee.
+// Two plans, both over budget = ceil(total_cost / num_sm_parts) + FIXED_OVERHEAD_PAGES:
 //
-// With no more requests than parts, none of them longer than the budget in pages, each request gets a
-// part of its own instead: the longest part then exceeds the budget by less than one fixed overhead,
-// and no request is split, so the step writes no fp32 partial and the combine has nothing to merge.
-// Cutting such requests to the budget would leave pieces of a few pages that each carry a whole
-// overhead. On H100, b = 128 uniform requests of 256 pages at 16-64 query rows (budget 259, 4 parts
-// idle) step 1-5% faster this way than with all 128 of them split (docs/perf-notes.md, round 4).
+// * Pieces (only with no more requests than parts): cut every request into pieces of at most P
+//   pages, P the smallest length for which all pieces fit in the parts, and give each piece a part of
+//   its own. Taken when P <= budget. No part starts a second piece (each start costs a Q load and an
+//   epilogue), a request that fits in one piece is not split (no fp32 partial, nothing to combine),
+//   and the parts are filled as evenly as whole pages allow. When P is the longest request this is
+//   one part per request: on H100, b = 128 uniform requests of 256 pages on 132 parts (P = 256,
+//   budget 259) step 1-5% faster so than split by budget (docs/perf-notes.md, round 4). On H200,
+//   b = 32 requests of 16 pages on 66 parts (h_q = 128) take pieces of 8 pages on 64 parts instead of
+//   16 on 32 (round 6).
+// * Budget: parts take contiguous (request, page) runs in request order; a request that does not fit
+//   the rest of a part's budget is cut, and continues in the next part. The extra overhead in the
+//   budget pays for the one request piece a part may have to start mid-request, so the parts always
+//   cover all work; the last part takes whatever is left regardless, as a guarantee.
 #include <climits>
 
 #include "api.h"
@@ -24,39 +27,69 @@ namespace {
 
 constexpr int SCHED_THREADS = 32;
 
-__global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_constant__ SchedParams params) {
-  extern __shared__ int32_t pages[];  // [b]: pages per request
-  const int lane = threadIdx.x;
-  int total = 0, longest = 0;
-  for (int req = lane; req < params.b; req += SCHED_THREADS) {
-    pages[req] = num_pages_of(params.cache_seqlens[req]);
-    total += pages[req] + FIXED_OVERHEAD_PAGES;
-    longest = max(longest, pages[req]);
-  }
+__device__ __forceinline__ int warp_sum(int v) {
 #pragma unroll
-  for (int off = SCHED_THREADS / 2; off > 0; off /= 2) {
-    total += __shfl_xor_sync(0xffffffffu, total, off);
-    longest = max(longest, __shfl_xor_sync(0xffffffffu, longest, off));
-  }
-  __syncwarp();
-  if (lane != 0) return;
+  for (int off = SCHED_THREADS / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
 
-  const int budget = (total + params.num_sm_parts - 1) / params.num_sm_parts + FIXED_OVERHEAD_PAGES;
-  const bool part_per_request = params.b <= params.num_sm_parts && longest <= budget;
+__device__ __forceinline__ int warp_max(int v) {
+#pragma unroll
+  for (int off = SCHED_THREADS / 2; off > 0; off /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// Parts a request of `pages` takes with pieces of at most `piece` pages (an empty request still needs
+// one part, which writes its zero output).
+__device__ __forceinline__ int pieces_of(int pages, int piece) { return max(1, (pages + piece - 1) / piece); }
+
+// All lanes: the smallest piece length that cuts the b requests into at most num_sm_parts pieces.
+// Requires b <= num_sm_parts, so one piece per request (the longest request) always fits.
+__device__ int smallest_piece(const int32_t* pages, int b, int num_sm_parts, int longest, int lane) {
+  int lo = 1, hi = max(longest, 1);
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    int count = 0;
+    for (int req = lane; req < b; req += SCHED_THREADS) count += pieces_of(pages[req], mid);
+    if (warp_sum(count) <= num_sm_parts) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return hi;
+}
+
+__device__ __forceinline__ SchedRecord idle_record(int b) { return SchedRecord{b, 0, b - 1, 0, 0, {0, 0, 0}}; }
+
+// One thread: every part holds one piece of at most `piece` pages of one request.
+__device__ void plan_pieces(const SchedParams& params, const int32_t* pages, int piece) {
+  int part = 0;
+  params.num_splits[0] = 0;
+  for (int req = 0; req < params.b; ++req) {
+    const int k = pieces_of(pages[req], piece);
+    const int slot = params.num_splits[req];
+    for (int i = 0; i < k; ++i) {
+      params.records[part++] = SchedRecord{req, i * piece, req, min(pages[req], (i + 1) * piece), slot + i, {0, 0, 0}};
+    }
+    params.num_splits[req + 1] = slot + k;
+  }
+  for (; part < params.num_sm_parts; ++part) params.records[part] = idle_record(params.b);
+}
+
+// One thread: contiguous (request, page) runs of up to `budget` per part, in request order.
+__device__ void plan_budget(const SchedParams& params, const int32_t* pages, int budget) {
   int req = 0, page = 0;     // next unassigned (request, page)
   int splits_before = 0;     // num_splits[req]: splits of all requests before req
   int pieces_of_req = 0;     // parts that already covered a piece of req
   params.num_splits[0] = 0;
   for (int part = 0; part < params.num_sm_parts; ++part) {
-    SchedRecord rec{params.b, 0, params.b - 1, 0, 0, {0, 0, 0}};
+    SchedRecord rec = idle_record(params.b);
     if (req < params.b) {
       rec.begin_req = req;
       rec.begin_page = page;
       rec.begin_slot = splits_before + pieces_of_req;
-      // Exactly the first request's cost when each request gets a part of its own.
-      int remaining = part + 1 == params.num_sm_parts ? INT_MAX
-                      : part_per_request                ? pages[req] + FIXED_OVERHEAD_PAGES
-                                                        : budget;
+      int remaining = part + 1 == params.num_sm_parts ? INT_MAX : budget;
       while (req < params.b) {
         const int left = pages[req] - page;
         if (left + FIXED_OVERHEAD_PAGES <= remaining) {  // the rest of req fits: finish it here
@@ -81,6 +114,31 @@ __global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_c
       }
     }
     params.records[part] = rec;
+  }
+}
+
+__global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_constant__ SchedParams params) {
+  extern __shared__ int32_t pages[];  // [b]: pages per request
+  const int lane = threadIdx.x;
+  int total = 0, longest = 0;
+  for (int req = lane; req < params.b; req += SCHED_THREADS) {
+    pages[req] = num_pages_of(params.cache_seqlens[req]);
+    total += pages[req] + FIXED_OVERHEAD_PAGES;
+    longest = max(longest, pages[req]);
+  }
+  total = warp_sum(total);
+  longest = warp_max(longest);
+  __syncwarp();  // pages[] is complete for every lane
+
+  const int budget = (total + params.num_sm_parts - 1) / params.num_sm_parts + FIXED_OVERHEAD_PAGES;
+  // Warp-uniform: every lane computes the same piece.
+  const int piece = params.b <= params.num_sm_parts ? smallest_piece(pages, params.b, params.num_sm_parts, longest, lane)
+                                                    : INT_MAX;
+  if (lane != 0) return;
+  if (piece <= budget) {
+    plan_pieces(params, pages, piece);
+  } else {
+    plan_budget(params, pages, budget);
   }
 }
 

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from vllm_flashmla._layout import FIXED_OVERHEAD_PAGES, SCHED_RECORD_INTS, SchedRecord
-from vllm_flashmla.scheduler import num_pages_of, num_sm_parts_for, plan_splits
+from vllm_flashmla.scheduler import num_pages_of, num_sm_parts_for, pieces_of, plan_splits, smallest_piece
 
 
 def covered_pages(plan, seqlens):
@@ -93,6 +93,39 @@ def test_few_requests_within_budget_get_a_part_each():
     assert [(r.begin_req, r.end_req) for r in plan.records[:128]] == [(i, i) for i in range(128)]
 
 
+def test_few_short_requests_are_cut_into_even_pieces_one_per_part():
+    # 32 x 16 pages on 66 parts (h_q = 128): one part each would leave 34 parts idle; pieces of 8
+    # pages fill 64 parts, each with one piece.
+    plan = plan_splits([1024] * 32, 66)
+    assert plan.num_splits == list(range(0, 65, 2))
+    assert plan.records[:64] == [SchedRecord(i // 2, 8 * (i % 2), i // 2, 8 * (i % 2) + 8, i) for i in range(64)]
+    assert all(r.begin_req > r.end_req for r in plan.records[64:])
+
+
+@pytest.mark.parametrize("parts", [1, 7, 66, 132])
+@pytest.mark.parametrize("seed", range(20))
+def test_smallest_piece_is_the_smallest_that_fits(parts, seed):
+    rng = random.Random(seed)
+    pages = [rng.choice([0, 1, 2, 16, 100, 2560]) for _ in range(rng.randint(1, parts))]
+    piece = smallest_piece(pages, parts)
+    assert sum(pieces_of(p, piece) for p in pages) <= parts
+    assert piece == 1 or sum(pieces_of(p, piece - 1) for p in pages) > parts
+
+
+@pytest.mark.parametrize("seqlens", CASES, ids=lambda s: f"b{len(s)}")
+@pytest.mark.parametrize("num_sm_parts", [7, 66, 132])
+def test_piece_plans_hold_one_piece_per_part(seqlens, num_sm_parts):
+    pages = [num_pages_of(s) for s in seqlens]
+    budget = -(-(sum(pages) + FIXED_OVERHEAD_PAGES * len(pages)) // num_sm_parts) + FIXED_OVERHEAD_PAGES
+    if len(pages) > num_sm_parts or smallest_piece(pages, num_sm_parts) > budget:
+        return  # a budget plan: parts may run across requests
+    piece = smallest_piece(pages, num_sm_parts)
+    plan = plan_splits(seqlens, num_sm_parts)
+    busy = [r for r in plan.records if r.begin_req <= r.end_req]
+    assert len(busy) == plan.num_splits[-1] == sum(pieces_of(p, piece) for p in pages)
+    assert all(r.begin_req == r.end_req and r.end_page - r.begin_page <= piece for r in busy)
+
+
 @pytest.mark.parametrize(
     "seqlens,parts",
     [([64 * 400] * 128, 132), ([16384] * 100, 132), ([16384] * 128, 66), ([1024] * 4, 132), ([8192], 132)],
@@ -126,7 +159,5 @@ def test_plans_for_other_overheads():
     # benchmarks/sweep_sched_overhead.py times the plans the kernel would make with other constants.
     seqlens = [random.Random(s).randint(1, 30000) for s in range(200)]
     assert plan_splits(seqlens, 132) == plan_splits(seqlens, 132, FIXED_OVERHEAD_PAGES)
-    # 32 x 16 pages on 66 parts: with overhead 5 the budget (16) holds a whole request, with 2 it
-    # does not (11), so the requests are cut.
-    assert plan_splits([1024] * 32, 66, 5).num_splits == list(range(33))
-    assert plan_splits([1024] * 32, 66, 2).num_splits[-1] > 32
+    # More requests than parts: the budget, and so the cuts, follow the overhead.
+    assert plan_splits(seqlens, 132, 2).records != plan_splits(seqlens, 132, 8).records

@@ -28,6 +28,25 @@ class SchedulePlan:
     num_splits: list[int]  # [b + 1] exclusive prefix sum of the parts covering each request
 
 
+def pieces_of(pages: int, piece_pages: int) -> int:
+    """Parts a request of `pages` takes in a plan of pieces of at most piece_pages (an empty request
+    still needs one part, which writes its zero output)."""
+    return max(1, (pages + piece_pages - 1) // piece_pages)
+
+
+def smallest_piece(pages: Sequence[int], num_sm_parts: int) -> int:
+    """The smallest piece length (pages) that cuts every request into at most num_sm_parts pieces
+    in all; requires len(pages) <= num_sm_parts. Bisection, as in the kernel."""
+    lo, hi = 1, max(max(pages, default=0), 1)  # hi always fits: one piece per request
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(pieces_of(p, mid) for p in pages) <= num_sm_parts:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 def plan_splits(
     cache_seqlens: Sequence[int], num_sm_parts: int, fixed_overhead_pages: int = FIXED_OVERHEAD_PAGES
 ) -> SchedulePlan:
@@ -37,8 +56,32 @@ def plan_splits(
     pages = [num_pages_of(int(s)) for s in cache_seqlens]
     total = sum(pages) + fixed_overhead_pages * b
     budget = (total + num_sm_parts - 1) // num_sm_parts + fixed_overhead_pages
-    part_per_request = b <= num_sm_parts and max(pages, default=0) <= budget
+    if b <= num_sm_parts:
+        piece = smallest_piece(pages, num_sm_parts)
+        if piece <= budget:
+            return _plan_pieces(pages, num_sm_parts, piece)
+    return _plan_budget(pages, num_sm_parts, budget, fixed_overhead_pages)
 
+
+def _plan_pieces(pages: list[int], num_sm_parts: int, piece: int) -> SchedulePlan:
+    """Every part holds one piece of at most `piece` pages of one request."""
+    b = len(pages)
+    records: list[SchedRecord] = []
+    num_splits = [0] * (b + 1)
+    for req, n in enumerate(pages):
+        k = pieces_of(n, piece)
+        for i in range(k):
+            records.append(SchedRecord(req, i * piece, req, min(n, (i + 1) * piece), num_splits[req] + i))
+        num_splits[req + 1] = num_splits[req] + k
+    records += [SchedRecord(b, 0, b - 1, 0, 0)] * (num_sm_parts - len(records))
+    return SchedulePlan(records, num_splits)
+
+
+def _plan_budget(pages: list[int], num_sm_parts: int, budget: int, overhead: int) -> SchedulePlan:
+    """Parts take contiguous (request, page) runs costing up to `budget`, each request piece costing
+    its pages plus `overhead`; a request that does not fit the rest of a part is cut and continues in
+    the next one."""
+    b = len(pages)
     records: list[SchedRecord] = []
     num_splits = [0] * (b + 1)
     req = page = splits_before = pieces_of_req = 0
@@ -48,21 +91,18 @@ def plan_splits(
             continue
         begin = (req, page, splits_before + pieces_of_req)
         end_req, end_page = b - 1, 0
-        if part + 1 == num_sm_parts:
-            remaining = None  # the last part takes the rest
-        else:
-            remaining = pages[req] + fixed_overhead_pages if part_per_request else budget
+        remaining = None if part + 1 == num_sm_parts else budget  # the last part takes the rest
         while req < b:
             left = pages[req] - page
-            if remaining is None or left + fixed_overhead_pages <= remaining:
+            if remaining is None or left + overhead <= remaining:
                 if remaining is not None:
-                    remaining -= left + fixed_overhead_pages
+                    remaining -= left + overhead
                 end_req, end_page = req, pages[req]
                 splits_before += pieces_of_req + 1
                 num_splits[req + 1] = splits_before
                 req, page, pieces_of_req = req + 1, 0, 0
             else:
-                take = remaining - fixed_overhead_pages
+                take = remaining - overhead
                 if take > 0:
                     end_req, end_page = req, page + take
                     page += take
