@@ -10,7 +10,6 @@
 
 #include "api.h"
 #include "config.h"
-#include "pdl.h"
 
 namespace vllm_flashmla {
 namespace {
@@ -74,8 +73,6 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
   const int col = blockIdx.z * COLS_PER_WARP + lane * 4;
   const int64_t lse_stride = params.num_q_rows;  // between consecutive splits of one row
   const int64_t o_stride = lse_stride * D_V;
-  allow_dependents();
-  wait_for_upstream();  // the decode kernel's partials and num_splits
 
   for (int req = blockIdx.x; req < params.b; req += gridDim.x) {
     const int first = params.num_splits[req];
@@ -136,25 +133,31 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
 }
 
 template <typename Element, int WARPS_PER_ROW>
-cudaError_t launch(const CombineParams& params, cudaStream_t stream) {
+void launch(const CombineParams& params, cudaStream_t stream) {
   constexpr int ROWS_PER_CTA = WARPS_PER_CTA / WARPS_PER_ROW;
   const dim3 grid(std::min(params.b, params.num_sm_parts), (params.num_q_rows + ROWS_PER_CTA - 1) / ROWS_PER_CTA,
                   COL_QUARTERS);
-  return launch_with_pdl(combine_kernel<Element, WARPS_PER_ROW>, grid, dim3(COMBINE_THREADS), 0, stream, params);
+  combine_kernel<Element, WARPS_PER_ROW><<<grid, COMBINE_THREADS, 0, stream>>>(params);
 }
 
 template <typename Element>
-cudaError_t launch(const CombineParams& params, cudaStream_t stream) {
+void launch(const CombineParams& params, cudaStream_t stream) {
   if (params.b * params.num_q_rows <= FEW_ROWS && params.num_sm_parts >= MANY_SPLITS * params.b) {
-    return launch<Element, WARPS_PER_CTA>(params, stream);
+    launch<Element, WARPS_PER_CTA>(params, stream);
+  } else {
+    launch<Element, 1>(params, stream);
   }
-  return launch<Element, 1>(params, stream);
 }
 
 }  // namespace
 
 cudaError_t run_combine(const CombineParams& params, DType dtype, cudaStream_t stream) {
-  return dtype == DType::BFloat16 ? launch<__nv_bfloat16>(params, stream) : launch<__half>(params, stream);
+  if (dtype == DType::BFloat16) {
+    launch<__nv_bfloat16>(params, stream);
+  } else {
+    launch<__half>(params, stream);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace vllm_flashmla

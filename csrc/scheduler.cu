@@ -20,7 +20,6 @@
 #include <climits>
 
 #include "api.h"
-#include "pdl.h"
 #include "sched_meta.h"
 
 namespace vllm_flashmla {
@@ -121,8 +120,6 @@ __device__ void plan_budget(const SchedParams& params, const int32_t* pages, int
 __global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_constant__ SchedParams params) {
   extern __shared__ int32_t pages[];  // [b]: pages per request
   const int lane = threadIdx.x;
-  allow_dependents();
-  wait_for_upstream();  // cache_seqlens; and the previous step's kernels may still read the schedule
   int total = 0, longest = 0;
   for (int req = lane; req < params.b; req += SCHED_THREADS) {
     pages[req] = num_pages_of(params.cache_seqlens[req]);
@@ -153,7 +150,8 @@ cudaError_t run_scheduler(const SchedParams& params, cudaStream_t stream) {
     cudaError_t err = cudaFuncSetAttribute(scheduler_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
-  return launch_with_pdl(scheduler_kernel, dim3(1), dim3(SCHED_THREADS), smem, stream, params);
+  scheduler_kernel<<<1, SCHED_THREADS, smem, stream>>>(params);
+  return cudaGetLastError();
 }
 
 }  // namespace vllm_flashmla

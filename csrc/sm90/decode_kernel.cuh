@@ -5,7 +5,6 @@
 #pragma once
 
 #include "../params.h"
-#include "../pdl.h"
 #include "../sched_meta.h"
 #include "epilogue.cuh"
 #include "mainloop.cuh"
@@ -92,6 +91,7 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
   Smem& smem = *reinterpret_cast<Smem*>(smem_raw + (misalign ? 1024 - misalign : 0));
 
   const int m_block = blockIdx.x;
+  const SchedRecord rec = params.records[blockIdx.y];
   const int tid = threadIdx.x;
 
   if (tid == 0) {
@@ -100,17 +100,14 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
       Mbarrier::init(&smem.kv_empty[st], Config::NUM_MMA_WARPS);
     }
     cutlass::arch::fence_barrier_init();
-    cute::prefetch_tma_descriptor(&tmap_kv);
   }
   __syncthreads();
-  allow_dependents();
-  wait_for_upstream();  // the schedule, q, the cache and the outputs may belong to the kernels before
-  const SchedRecord rec = params.records[blockIdx.y];
 
   // ---- producer warpgroup: one thread streams every page of the part through the ring ----
   if (tid >= Config::NUM_MMA_THREADS) {
     cutlass::arch::warpgroup_reg_dealloc<Config::PRODUCER_REGS>();
     if (tid == Config::NUM_MMA_THREADS) {
+      cute::prefetch_tma_descriptor(&tmap_kv);
       typename Loop::Pipeline pipe;
       for (int req = rec.begin_req; req <= rec.end_req; ++req) {
         const int num_pages = num_pages_of(params.cache_seqlens[req]);

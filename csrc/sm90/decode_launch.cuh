@@ -66,7 +66,8 @@ cudaError_t launch_decode(const DecodeParams& params, const void* k_cache, int64
   if (err != cudaSuccess) return err;
   const int num_m_blocks = (params.num_q_rows + Config::BLOCK_M - 1) / Config::BLOCK_M;
   const dim3 grid(num_m_blocks, params.num_sm_parts);
-  return launch_with_pdl(kernel, grid, dim3(Config::NUM_THREADS), SMEM_BYTES, stream, params, tmap_kv);
+  kernel<<<grid, Config::NUM_THREADS, SMEM_BYTES, stream>>>(params, tmap_kv);
+  return cudaGetLastError();
 }
 
 }  // namespace vllm_flashmla::sm90
