@@ -14,9 +14,7 @@ block table, seqlens). For each (shape, implementation):
    around N replays give the time per step; the reported `us` is the median over `--reps` runs.
 4. `meta_us` is the extra time per step of a second graph that also computes the metadata inside
    every step (for FlashMLA this is how vLLM 0.26.0 runs it: its scheduler runs lazily inside
-   flash_mla_with_kvcache).
-5. All graphs of all implementations of a shape are timed in one alternation (each repetition runs
-   them back to back), so clock and power drift reach every implementation alike.
+   flash_mla_with_kvcache). Both graphs are timed in alternation so clock drift affects both alike.
 
 Results go to a JSON file whose top-level "rows" hold one record per (shape, implementation); the
 file is rewritten after every shape so a killed run keeps what it measured. See benchmarks/README.md.
@@ -486,19 +484,11 @@ def time_graphs(graphs: list, calls: int, reps: int, target_ms: float) -> list[f
     return [statistics.median(acc) for acc in samples]
 
 
-@dataclass
-class Captured:
-    """One implementation's graphs for a shape, verified and ready to time."""
-
-    graphs: list  # [decode steps] or [decode steps, decode steps with the metadata inside]
-    keep_alive: list  # the output buffer and metadata the graphs write and read
-
-
-def capture_impl(
-    impl, inp: Inputs, kv_copies: list[torch.Tensor], calls: int, base: Baseline | None
-) -> tuple[dict, Captured | None, Baseline | None]:
-    """(row fields so far, the graphs to time or None on a failed check, a stand-in baseline made from
-    this implementation's output when no reference was available)."""
+def bench_impl(
+    impl, inp: Inputs, kv_copies: list[torch.Tensor], calls: int, base: Baseline | None, args
+) -> tuple[dict, Baseline | None]:
+    """Row fields measured for one implementation; the second value is a stand-in baseline made
+    from this implementation's output when no reference was available."""
     s = inp.shape
     n = len(kv_copies)
     fields: dict = {}
@@ -513,14 +503,14 @@ def capture_impl(
     new_base = None
     if base is None:
         if not torch.isfinite(o).all():
-            return {"error": "non-finite output (no reference to compare with)"}, None, None
+            return {"error": "non-finite output (no reference to compare with)"}, None
         idx = check_requests(inp.seqlens_cpu)
         sel = torch.tensor(idx, device=o.device)
         new_base = Baseline(impl.name, idx, o[sel].clone(), lse[sel].clone())
     else:
         fields.update(compare(o, lse, base))
         if "error" in fields:
-            return fields, None, None
+            return fields, None
 
     graphs = [g_dec]
     try:
@@ -529,7 +519,11 @@ def capture_impl(
     except Exception as exc:  # metadata not capturable: still report the decode time
         fields["note"] = f"meta_us unavailable: {type(exc).__name__}: {exc}"
         torch.cuda.synchronize()
-    return fields, Captured(graphs, [out, meta]), new_base
+
+    times = time_graphs(graphs, calls, args.reps, args.target_ms)
+    fields["us"] = round(times[0], 3)
+    fields["meta_us"] = round(times[1] - times[0], 3) if len(times) > 1 else None
+    return fields, new_base
 
 
 def empty_row(shape: Shape, impl: str) -> dict:
@@ -569,52 +563,29 @@ def run_shape(shape: Shape, impls: dict, status: dict, names: list[str], args, l
     except Exception as exc:
         ref_note = f"reference unavailable ({type(exc).__name__}: {exc}); checked against the first impl"
 
-    rows, captured = [], {}
+    rows = []
     for name in names:
         row = empty_row(shape, name)
         row["kv_copies"] = n_copies
-        rows.append(row)
         if name not in impls:
             row["error"] = f"unavailable: {status[name]['reason']}"
+            rows.append(row)
             continue
         try:
-            fields, cap, new_base = capture_impl(impls[name], inp, kv_copies, calls, base)
+            fields, new_base = bench_impl(impls[name], inp, kv_copies, calls, base, args)
         except Exception as exc:
-            fields, cap, new_base = {"error": f"{type(exc).__name__}: {exc}"}, None, None
+            fields, new_base = {"error": f"{type(exc).__name__}: {exc}"}, None
         row.update(fields)
         if new_base is not None:
             base = new_base
             row["note"] = "; ".join(filter(None, [row["note"], ref_note]))
-        if cap is not None:
-            captured[name] = cap
+        if row["us"] is not None:
+            row["gbps"] = round(nbytes / (row["us"] * 1e-6) / 1e9, 2)
+            row["tflops"] = round(flops / (row["us"] * 1e-6) / 1e12, 2)
+        rows.append(row)
+        torch.cuda.empty_cache()  # release this impl's graph pool before the next one captures
         if row["error"] and not cuda_healthy():
             raise CudaContextLost(rows, row["error"])
-
-    # Every graph of every implementation in one alternation: each repetition times them back to back,
-    # so clock and power drift over the seconds a shape takes reach all implementations alike.
-    order = [(name, k) for name, cap in captured.items() for k in range(len(cap.graphs))]
-    try:
-        times = time_graphs([captured[name].graphs[k] for name, k in order], calls, args.reps, args.target_ms)
-    except Exception as exc:
-        for row in rows:
-            if row["impl"] in captured:
-                row["error"] = f"timing: {type(exc).__name__}: {exc}"
-        if not cuda_healthy():
-            raise CudaContextLost(rows, rows[0]["error"]) from exc
-        return rows
-    by_impl: dict[str, list[float]] = {}
-    for (name, _), t in zip(order, times, strict=True):
-        by_impl.setdefault(name, []).append(t)
-    for row in rows:
-        t = by_impl.get(row["impl"])
-        if t is None:
-            continue
-        row["us"] = round(t[0], 3)
-        row["meta_us"] = round(t[1] - t[0], 3) if len(t) > 1 else None
-        row["gbps"] = round(nbytes / (row["us"] * 1e-6) / 1e9, 2)
-        row["tflops"] = round(flops / (row["us"] * 1e-6) / 1e12, 2)
-    del captured
-    torch.cuda.empty_cache()  # release the graph pools before the next shape
     return rows
 
 
@@ -685,8 +656,7 @@ def environment(args, status: dict) -> dict:
         "method": {
             "timing": "CUDA graph of `calls` decode steps cycling over `kv_copies` KV-cache copies "
             f"(>= {L2_ROTATION_FACTOR}x L2 in total, at least {MIN_CALLS_PER_GRAPH} steps); "
-            "CUDA events around N replays; per-step us = elapsed / (N * calls); median of reps; "
-            "every graph of every impl of a shape alternates within each rep",
+            "CUDA events around N replays; per-step us = elapsed / (N * calls); median of reps",
             "meta_us": "per-step time of a graph that also computes the scheduler metadata in every step, minus `us`",
             "reps": args.reps,
             "target_ms_per_rep": args.target_ms,
