@@ -64,15 +64,14 @@ __device__ __forceinline__ SchedRecord idle_record(int b) { return SchedRecord{b
 
 // One thread: every part holds one piece of at most `piece` pages of one request.
 __device__ void plan_pieces(const SchedParams& params, const int32_t* pages, int piece) {
-  int part = 0;
+  int part = 0;  // parts used so far, = num_splits[req]: every piece takes one part and one slot
   params.num_splits[0] = 0;
   for (int req = 0; req < params.b; ++req) {
     const int k = pieces_of(pages[req], piece);
-    const int slot = params.num_splits[req];
-    for (int i = 0; i < k; ++i) {
-      params.records[part++] = SchedRecord{req, i * piece, req, min(pages[req], (i + 1) * piece), slot + i, {0, 0, 0}};
+    for (int i = 0; i < k; ++i, ++part) {
+      params.records[part] = SchedRecord{req, i * piece, req, min(pages[req], (i + 1) * piece), part, {0, 0, 0}};
     }
-    params.num_splits[req + 1] = slot + k;
+    params.num_splits[req + 1] = part;
   }
   for (; part < params.num_sm_parts; ++part) params.records[part] = idle_record(params.b);
 }

@@ -5,7 +5,14 @@ import random
 import pytest
 
 from vllm_flashmla._layout import FIXED_OVERHEAD_PAGES, SCHED_RECORD_INTS, SchedRecord
-from vllm_flashmla.scheduler import num_pages_of, num_sm_parts_for, pieces_of, plan_splits, smallest_piece
+from vllm_flashmla.scheduler import (
+    budget_of,
+    num_pages_of,
+    num_sm_parts_for,
+    pieces_of,
+    plan_splits,
+    smallest_piece,
+)
 
 
 def covered_pages(plan, seqlens):
@@ -116,10 +123,11 @@ def test_smallest_piece_is_the_smallest_that_fits(parts, seed):
 @pytest.mark.parametrize("num_sm_parts", [7, 66, 132])
 def test_piece_plans_hold_one_piece_per_part(seqlens, num_sm_parts):
     pages = [num_pages_of(s) for s in seqlens]
-    budget = -(-(sum(pages) + FIXED_OVERHEAD_PAGES * len(pages)) // num_sm_parts) + FIXED_OVERHEAD_PAGES
-    if len(pages) > num_sm_parts or smallest_piece(pages, num_sm_parts) > budget:
+    if len(pages) > num_sm_parts:
         return  # a budget plan: parts may run across requests
     piece = smallest_piece(pages, num_sm_parts)
+    if piece > budget_of(pages, num_sm_parts):
+        return
     plan = plan_splits(seqlens, num_sm_parts)
     busy = [r for r in plan.records if r.begin_req <= r.end_req]
     assert len(busy) == plan.num_splits[-1] == sum(pieces_of(p, piece) for p in pages)

@@ -34,6 +34,18 @@ def pieces_of(pages: int, piece_pages: int) -> int:
     return max(1, (pages + piece_pages - 1) // piece_pages)
 
 
+def budget_of(pages: Sequence[int], num_sm_parts: int, overhead: int = FIXED_OVERHEAD_PAGES) -> int:
+    """Cost a part may carry: the average cost per part, each request costing its pages plus
+    `overhead`, plus one overhead more for the request piece a part may start mid-request."""
+    total = sum(pages) + overhead * len(pages)
+    return (total + num_sm_parts - 1) // num_sm_parts + overhead
+
+
+def idle_record(b: int) -> SchedRecord:
+    """A part with nothing to do (end_req < begin_req)."""
+    return SchedRecord(b, 0, b - 1, 0, 0)
+
+
 def smallest_piece(pages: Sequence[int], num_sm_parts: int) -> int:
     """The smallest piece length (pages) that cuts every request into at most num_sm_parts pieces
     in all; requires len(pages) <= num_sm_parts. Bisection, as in the kernel."""
@@ -52,11 +64,9 @@ def plan_splits(
 ) -> SchedulePlan:
     """The device scheduler's plan. `fixed_overhead_pages` other than the kernel's constant gives the
     plan the device would make with that constant (benchmarks/sweep_sched_overhead.py times them)."""
-    b = len(cache_seqlens)
     pages = [num_pages_of(int(s)) for s in cache_seqlens]
-    total = sum(pages) + fixed_overhead_pages * b
-    budget = (total + num_sm_parts - 1) // num_sm_parts + fixed_overhead_pages
-    if b <= num_sm_parts:
+    budget = budget_of(pages, num_sm_parts, fixed_overhead_pages)
+    if len(pages) <= num_sm_parts:
         piece = smallest_piece(pages, num_sm_parts)
         if piece <= budget:
             return _plan_pieces(pages, num_sm_parts, piece)
@@ -69,11 +79,10 @@ def _plan_pieces(pages: list[int], num_sm_parts: int, piece: int) -> SchedulePla
     records: list[SchedRecord] = []
     num_splits = [0] * (b + 1)
     for req, n in enumerate(pages):
-        k = pieces_of(n, piece)
-        for i in range(k):
-            records.append(SchedRecord(req, i * piece, req, min(n, (i + 1) * piece), num_splits[req] + i))
-        num_splits[req + 1] = num_splits[req] + k
-    records += [SchedRecord(b, 0, b - 1, 0, 0)] * (num_sm_parts - len(records))
+        for i in range(pieces_of(n, piece)):  # every piece takes one part and the slot of that index
+            records.append(SchedRecord(req, i * piece, req, min(n, (i + 1) * piece), len(records)))
+        num_splits[req + 1] = len(records)
+    records += [idle_record(b)] * (num_sm_parts - len(records))
     return SchedulePlan(records, num_splits)
 
 
@@ -87,7 +96,7 @@ def _plan_budget(pages: list[int], num_sm_parts: int, budget: int, overhead: int
     req = page = splits_before = pieces_of_req = 0
     for part in range(num_sm_parts):
         if req >= b:
-            records.append(SchedRecord(b, 0, b - 1, 0, 0))
+            records.append(idle_record(b))
             continue
         begin = (req, page, splits_before + pieces_of_req)
         end_req, end_page = b - 1, 0
