@@ -10,11 +10,6 @@
 //                             every page:       O[:, 256:512] += P V[:, 256:512]
 //   warps 8-11 (producer)     one thread issues TMA loads of the next pages into the ring
 //
-// When a request has an even number of m-blocks (h_q * s_q = 128 or 256), the CTAs of KV_SHARE
-// consecutive m-blocks of one part form a cluster: they walk the same pages, so each page is read from
-// L2 once and multicast into every CTA of the cluster, each producer issuing its share of the boxes.
-// A stage is then free only when the consumers of every CTA have released it.
-//
 // The owner of a page publishes P (written over the page's RoPE box, which QK^T no longer needs) and
 // the new row maxima; the other warpgroup rescales its half of O and adds P V. While one warpgroup runs
 // its softmax, the tensor cores work on the other's QK^T or PV, and Q is read from shared memory once
@@ -42,7 +37,6 @@ struct DecodeConfig {
   static constexpr int TILE_BOX_BYTES = BLOCK_M * SWIZZLE_BYTES;          // one 64-row box
   static constexpr int PAGE_BYTES = NUM_QK_BOXES * BLOCK_N * SWIZZLE_BYTES;
   static constexpr int NUM_STAGES = 2;
-  static constexpr int KV_SHARE = 2;            // CTAs per cluster when m-blocks share pages
 
   static constexpr int NUM_MMA_WARPGROUPS = 2;
   static constexpr int WARPGROUP_THREADS = 128;
@@ -73,7 +67,6 @@ struct DecodeConfig {
   static_assert(BLOCK_N == BOX_COLS && BLOCK_M == BLOCK_N, "P [BLOCK_M, BLOCK_N] is exactly one box");
   static_assert(NUM_QK_BOXES == NUM_V_BOXES + 1, "one RoPE box past the V boxes holds P");
   static_assert(NUM_STAGES == NUM_MMA_WARPGROUPS, "each MMA warpgroup owns one stage");
-  static_assert(KV_SHARE >= 1 && KV_SHARE <= NUM_QK_BOXES, "every CTA of a cluster issues at least one box");
   static_assert(D_QK % BOX_COLS == 0 && D_V % BOX_COLS == 0, "rows must split into whole boxes");
   static_assert(O_COLS_PER_WG % BOX_COLS == 0, "each warpgroup owns whole V boxes");
   static_assert(O_COLS_PER_WG <= 256, "wgmma N is at most 256");

@@ -80,11 +80,45 @@ __device__ __forceinline__ void rescale(float (&o)[Config::O_FRAG], const float 
   }
 }
 
-// The two MMA warpgroups of one CTA: every request piece of the part, page by page, then its epilogue.
 template <typename Config>
-__device__ __forceinline__ void consume_part(SharedStorage<Config>& smem, const DecodeParams& params,
-                                             const SchedRecord& rec, int m_block, int tid) {
+__global__ void __launch_bounds__(Config::NUM_THREADS, 1)
+    decode_kernel(const __grid_constant__ DecodeParams params, const __grid_constant__ CUtensorMap tmap_kv) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Smem = SharedStorage<Config>;
   using Loop = Mainloop<Config>;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t misalign = cute::cast_smem_ptr_to_uint(smem_raw) % 1024;
+  Smem& smem = *reinterpret_cast<Smem*>(smem_raw + (misalign ? 1024 - misalign : 0));
+
+  const int m_block = blockIdx.x;
+  const SchedRecord rec = params.records[blockIdx.y];
+  const int tid = threadIdx.x;
+
+  if (tid == 0) {
+    for (int st = 0; st < Config::NUM_STAGES; ++st) {
+      Mbarrier::init(&smem.kv_full[st], 1);
+      Mbarrier::init(&smem.kv_empty[st], Config::NUM_MMA_WARPS);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  // ---- producer warpgroup: one thread streams every page of the part through the ring ----
+  if (tid >= Config::NUM_MMA_THREADS) {
+    cutlass::arch::warpgroup_reg_dealloc<Config::PRODUCER_REGS>();
+    if (tid == Config::NUM_MMA_THREADS) {
+      cute::prefetch_tma_descriptor(&tmap_kv);
+      typename Loop::Pipeline pipe;
+      for (int req = rec.begin_req; req <= rec.end_req; ++req) {
+        const int num_pages = num_pages_of(params.cache_seqlens[req]);
+        Loop::load_pages(smem, &tmap_kv, params.block_table + req * params.stride_bt_b, first_page(rec, req),
+                         end_page(rec, req, num_pages), pipe);
+      }
+    }
+    return;
+  }
+
+  // ---- two MMA warpgroups ----
   cutlass::arch::warpgroup_reg_alloc<Config::MMA_REGS>();
   // Warp-uniform in the compiler's eyes too (a shuffle of lane 0), so branching on the stage owner
   // is not divergent control flow around in-flight wgmma accumulators.
@@ -151,59 +185,6 @@ __device__ __forceinline__ void consume_part(SharedStorage<Config>& smem, const 
     const bool is_split = params.num_splits[req + 1] - params.num_splits[req] > 1;
     Epilogue<Config>::store(smem, params, softmax, o, req, m_block, is_split,
                             partial_slot(rec, req, params.num_splits), wg, wg_tid);
-  }
-}
-
-template <typename Config>
-__global__ void __launch_bounds__(Config::NUM_THREADS, 1)
-    decode_kernel(const __grid_constant__ DecodeParams params, const __grid_constant__ CUtensorMap tmap_kv) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Smem = SharedStorage<Config>;
-  using Loop = Mainloop<Config>;
-  extern __shared__ uint8_t smem_raw[];
-  const uint32_t misalign = cute::cast_smem_ptr_to_uint(smem_raw) % 1024;
-  Smem& smem = *reinterpret_cast<Smem*>(smem_raw + (misalign ? 1024 - misalign : 0));
-
-  const int m_block = blockIdx.x;
-  const SchedRecord rec = params.records[blockIdx.y];
-  const int tid = threadIdx.x;
-  // CTAs sharing every page (see config.h): 1, or KV_SHARE m-blocks of one part in a cluster.
-  const int peers = cluster_num_ctas();
-
-  if (tid == 0) {
-    for (int st = 0; st < Config::NUM_STAGES; ++st) {
-      Mbarrier::init(&smem.kv_full[st], 1);
-      Mbarrier::init(&smem.kv_empty[st], Config::NUM_MMA_WARPS * peers);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  // The barriers must be initialised in every CTA before a peer's multicast or release reaches them.
-  if (peers > 1) {
-    cute::cluster_sync();
-  } else {
-    __syncthreads();
-  }
-
-  if (tid >= Config::NUM_MMA_THREADS) {
-    // ---- producer warpgroup: one thread streams every page of the part through the ring ----
-    cutlass::arch::warpgroup_reg_dealloc<Config::PRODUCER_REGS>();
-    if (tid == Config::NUM_MMA_THREADS) {
-      cute::prefetch_tma_descriptor(&tmap_kv);
-      typename Loop::Pipeline pipe;
-      for (int req = rec.begin_req; req <= rec.end_req; ++req) {
-        const int num_pages = num_pages_of(params.cache_seqlens[req]);
-        Loop::load_pages(smem, &tmap_kv, params.block_table + req * params.stride_bt_b, first_page(rec, req),
-                         end_page(rec, req, num_pages), peers, cluster_cta_rank(), pipe);
-      }
-    }
-  } else {
-    // ---- two MMA warpgroups ----
-    consume_part<Config>(smem, params, rec, m_block, tid);
-  }
-  // No CTA of a cluster may exit while a peer can still arrive on its barriers.
-  if (peers > 1) {
-    __syncwarp();
-    cute::cluster_sync();
   }
 #endif
 }

@@ -50,25 +50,6 @@ cudaError_t make_kv_tensor_map(CUtensorMap* map, const void* k_cache, int64_t nu
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// How many clusters of `config`'s shape fit on the current GPU at once (0 if the query fails),
-// computed once per device and kernel.
-template <typename Kernel>
-int max_resident_clusters(Kernel kernel, const cudaLaunchConfig_t& config) {
-  constexpr int MAX_DEVICES = 64;
-  static int cached[MAX_DEVICES] = {};  // 0: not yet queried; otherwise the count + 1
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= MAX_DEVICES) return 0;
-  if (cached[device] == 0) {
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
-      (void)cudaGetLastError();  // a failed query is not the launch's error
-      clusters = 0;
-    }
-    cached[device] = clusters + 1;
-  }
-  return cached[device] - 1;
-}
-
 template <typename Element>
 cudaError_t launch_decode(const DecodeParams& params, const void* k_cache, int64_t num_pages, int64_t stride_kv_page,
                           int64_t stride_kv_token, cudaStream_t stream) {
@@ -84,28 +65,8 @@ cudaError_t launch_decode(const DecodeParams& params, const void* k_cache, int64
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
   if (err != cudaSuccess) return err;
   const int num_m_blocks = (params.num_q_rows + Config::BLOCK_M - 1) / Config::BLOCK_M;
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(num_m_blocks, params.num_sm_parts);
-  config.blockDim = dim3(Config::NUM_THREADS);
-  config.dynamicSmemBytes = SMEM_BYTES;
-  config.stream = stream;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  // The m-blocks of a part share its pages through a cluster (config.h) when they pair up evenly and
-  // every cluster of the grid fits on the GPU at once (otherwise the grid would run in waves).
-  if (num_m_blocks % Config::KV_SHARE == 0) {
-    cluster.val.clusterDim.x = Config::KV_SHARE;
-    if (max_resident_clusters(kernel, config) * Config::KV_SHARE < num_m_blocks * params.num_sm_parts) {
-      cluster.val.clusterDim.x = 1;
-    }
-  }
-  err = cudaLaunchKernelEx(&config, kernel, params, tmap_kv);
-  if (err != cudaSuccess) return err;
+  const dim3 grid(num_m_blocks, params.num_sm_parts);
+  kernel<<<grid, Config::NUM_THREADS, SMEM_BYTES, stream>>>(params, tmap_kv);
   return cudaGetLastError();
 }
 

@@ -28,28 +28,17 @@ struct Mainloop {
   using Pipeline = PipelineState<Config::NUM_STAGES>;
 
   // Producer (one thread): stream pages [page_begin, page_end) of one request into the ring. Each page
-  // is 9 TMA boxes of [64 keys, 64 columns] completing on the stage's transaction barrier. In a cluster
-  // of `peers` CTAs walking the same pages, this CTA issues every peers-th box (from its rank) as a
-  // multicast to all of them, and every CTA's barrier expects the whole page.
+  // is 9 TMA boxes of [64 keys, 64 columns] completing on the stage's transaction barrier.
   __device__ static void load_pages(Smem& smem, const CUtensorMap* tmap_kv, const int32_t* block_table_row,
-                                    int page_begin, int page_end, int peers, int rank, Pipeline& pipe) {
-    const uint16_t all_peers = uint16_t((1u << peers) - 1);
+                                    int page_begin, int page_end, Pipeline& pipe) {
     for (int page = page_begin; page < page_end; ++page) {
       const int page_id = block_table_row[page];
       Mbarrier::wait(&smem.kv_empty[pipe.stage], pipe.phase ^ 1);
       Mbarrier::arrive_and_expect_tx(&smem.kv_full[pipe.stage], Config::PAGE_BYTES);
-      if (peers == 1) {
 #pragma unroll
-        for (int box = 0; box < Config::NUM_QK_BOXES; ++box) {
-          cute::SM90_TMA_LOAD_3D::copy(tmap_kv, &smem.kv_full[pipe.stage], CACHE_HINT_EVICT_FIRST,
-                                       smem.kv[pipe.stage][box], box * Config::BOX_COLS, 0, page_id);
-        }
-      } else {
-        for (int box = rank; box < Config::NUM_QK_BOXES; box += peers) {
-          cute::SM90_TMA_LOAD_MULTICAST_3D::copy(tmap_kv, &smem.kv_full[pipe.stage], all_peers,
-                                                 CACHE_HINT_EVICT_FIRST, smem.kv[pipe.stage][box],
-                                                 box * Config::BOX_COLS, 0, page_id);
-        }
+      for (int box = 0; box < Config::NUM_QK_BOXES; ++box) {
+        cute::SM90_TMA_LOAD_3D::copy(tmap_kv, &smem.kv_full[pipe.stage], CACHE_HINT_EVICT_FIRST,
+                                     smem.kv[pipe.stage][box], box * Config::BOX_COLS, 0, page_id);
       }
       pipe.advance();
     }
@@ -134,18 +123,10 @@ struct Mainloop {
   }
 
   // Every MMA warp is done with a stage (its wgmma reads completed): one arrival per warp, since 32
-  // threads arriving on one mbarrier word serialize, on the stage's empty barrier of every CTA of the
-  // cluster (their producers write this CTA's copy of the stage). No-op for stage < 0. The cluster
-  // size is read here rather than kept in a register across the mainloop, which has none to spare.
+  // threads arriving on one mbarrier word serialize. No-op for stage < 0 (nothing to release).
   __device__ static void release_stage(Smem& smem, int stage, int lane) {
     __syncwarp();
-    if (lane != 0 || stage < 0) return;
-    const int peers = cluster_num_ctas();
-    if (peers == 1) {
-      Mbarrier::arrive(&smem.kv_empty[stage]);
-    } else {
-      for (int cta = 0; cta < peers; ++cta) Mbarrier::arrive(&smem.kv_empty[stage], uint32_t(cta), 1u);
-    }
+    if (lane == 0 && stage >= 0) Mbarrier::arrive(&smem.kv_empty[stage]);
   }
 
   // The owner warpgroup: its probabilities (fp32 accumulator layout, see softmax.cuh) as the P tile

@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <utility>
 
-#include <cute/arch/cluster_sm90.hpp>
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/arch/mma_sm90_desc.hpp>
@@ -110,14 +109,6 @@ __device__ __forceinline__ void fence_view_async_shared() {
 }
 
 using Mbarrier = cutlass::arch::ClusterTransactionBarrier;
-
-// The CTAs of this CTA's cluster (1 without a cluster launch) and this CTA's rank among them.
-__device__ __forceinline__ int cluster_num_ctas() {
-  uint32_t n;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
-  return int(n);
-}
-__device__ __forceinline__ int cluster_cta_rank() { return int(cute::block_rank_in_cluster()); }
 
 // L2 policy for KV pages: each page is read by the few CTAs of one request at nearly the same time
 // and never again in this step, so let it leave L2 first.
