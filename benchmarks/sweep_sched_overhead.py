@@ -4,8 +4,10 @@ scheduler would make with other values of FIXED_OVERHEAD_PAGES (csrc/sched_meta.
 
 The plans come from the Python model (vllm_flashmla.scheduler.plan_splits with fixed_overhead_pages),
 so no rebuild is needed; each plan's output is checked against the reference, then all plans of a shape
-are timed in alternation under CUDA-graph replay exactly as bench_decode.py times a decode step (KV
-copies >= 4x L2, median of --reps). Needs an sm90 GPU and the built extension (not vLLM):
+are timed in alternation (bench_decode.time_graphs, --target-ms of replays per repetition, median of
+--reps) on bench_decode.py's inputs and KV rotation (copies >= 4x L2). Alternating plans is noisier
+than bench_decode.py's timing of one implementation at a time (docs/perf-notes.md, round 7): trust
+only differences well above a few percent. Needs an sm90 GPU and the built extension (not vLLM):
 
     python benchmarks/sweep_sched_overhead.py --overheads 1,2,3,5,8 --out /tmp/sched_overhead.json
 """
@@ -42,7 +44,9 @@ def plan_tensors(seqlens: list[int], num_sm_parts: int, overhead: int) -> tuple[
     return records, torch.tensor(plan.num_splits, dtype=torch.int32, device="cuda")
 
 
-def sweep_shape(shape: bd.Shape, overheads: list[int], reps: int, l2_bytes: int, num_sms: int) -> dict:
+def sweep_shape(
+    shape: bd.Shape, overheads: list[int], reps: int, target_ms: float, l2_bytes: int, num_sms: int
+) -> dict:
     inp = bd.make_inputs(shape, 0, "cuda")
     kv, calls = bd.kv_rotation(inp, l2_bytes)
     n = len(kv)
@@ -65,7 +69,7 @@ def sweep_shape(shape: bd.Shape, overheads: list[int], reps: int, l2_bytes: int,
         if "error" in fields:
             raise RuntimeError(f"{shape} with overhead {o}: {fields['error']}")
         graphs.append(graph)
-    times = bd.time_graphs(graphs, calls, reps, 20.0)
+    times = bd.time_graphs(graphs, calls, reps, target_ms)
     return {**shape.as_dict(), "us": {str(o): round(t, 3) for o, t in zip(overheads, times, strict=True)}}
 
 
@@ -73,6 +77,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--overheads", default="1,2,3,5,8", help="comma-separated FIXED_OVERHEAD_PAGES values")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--target-ms", type=float, default=20.0, help="GPU time per repetition of each plan")
     p.add_argument("--out", required=True, help="results JSON")
     args = p.parse_args()
     overheads = [int(x) for x in args.overheads.split(",")]
@@ -82,7 +87,7 @@ def main() -> int:
            "overheads": overheads, "rows": []}  # fmt: skip
     print(f"{'b/s_k/h_q/s_q':<24}" + "".join(f"{'ovh=' + str(o):>10}" for o in overheads))
     for shape in SHAPES:
-        row = sweep_shape(shape, overheads, args.reps, props.L2_cache_size, props.multi_processor_count)
+        row = sweep_shape(shape, overheads, args.reps, args.target_ms, props.L2_cache_size, props.multi_processor_count)
         doc["rows"].append(row)
         write_json(args.out, doc)
         name = f"{shape.b}/{shape.s_k}/{shape.h_q}/{shape.s_q}{'v' if shape.varlen else 'u'}"
