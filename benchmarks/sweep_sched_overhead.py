@@ -38,8 +38,10 @@ SHAPES = (
 )
 
 
-def plan_tensors(seqlens: list[int], num_sm_parts: int, overhead: int) -> tuple[torch.Tensor, torch.Tensor]:
-    plan = plan_splits(seqlens, num_sm_parts, overhead)
+def plan_tensors(
+    seqlens: list[int], num_sm_parts: int, num_q_rows: int, overhead: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    plan = plan_splits(seqlens, num_sm_parts, num_q_rows, overhead)
     records = torch.tensor([r.to_ints() for r in plan.records], dtype=torch.int32, device="cuda")
     return records, torch.tensor(plan.num_splits, dtype=torch.int32, device="cuda")
 
@@ -53,7 +55,8 @@ def sweep_shape(
     out = torch.empty(shape.b, shape.s_q, shape.h_q, D_V, dtype=torch.bfloat16, device="cuda")
     base = bd.reference_baseline(inp)
     parts = num_sm_parts_for(num_sms, shape.s_q * shape.h_q)
-    plans = [plan_tensors(inp.seqlens_cpu.tolist(), parts, o) for o in overheads]  # alive while graphs replay
+    rows = shape.s_q * shape.h_q
+    plans = [plan_tensors(inp.seqlens_cpu.tolist(), parts, rows, o) for o in overheads]  # alive while graphs replay
     graphs = []
     for o, (records, splits) in zip(overheads, plans, strict=True):
         graph, (o_out, o_lse) = bd.capture(

@@ -13,6 +13,7 @@ struct SchedParams {
   int32_t* num_splits;           // [b + 1], exclusive prefix sum of splits per request
   int b;
   int num_sm_parts;
+  int num_q_rows;  // s_q * h_q: the rows of every piece's fp32 partial (the piece cost model)
 };
 
 struct DecodeParams {

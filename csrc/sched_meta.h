@@ -39,6 +39,14 @@ static_assert(alignof(SchedRecord) == alignof(int32_t), "SchedRecord is read as 
 // same value on H800; it keeps short requests from being split into pieces cheaper than their overhead.
 constexpr int FIXED_OVERHEAD_PAGES = 5;
 
+// Cost model of piece length: a piece of a split request leaves an fp32 partial of every query row
+// (D_V * 4 bytes written by the decode kernel, read back by the combine), and this many such rows cost
+// about as much as one more page in every piece. From the H200 (docs/perf-notes.md, round 7): with 128
+// rows, pieces of 1 page cost 1.9 us more per step than pieces of 2 at b = 4, s_k = 1024 (64 -> 32
+// pieces), and pieces of 3 cost 1.5 us more than pieces of 2 (32 -> 24): ~2.6 us per page of a piece
+// and ~0.14 us per 128-row piece, so ~2400 rows per page, taken as 2048.
+constexpr int PARTIAL_ROWS_PER_PAGE = 2048;
+
 VLLM_FLASHMLA_HOST_DEVICE int num_pages_of(int seqlen) { return (seqlen + PAGE_SIZE - 1) / PAGE_SIZE; }
 
 // The pages of `req` that the part described by `rec` covers: [first_page, end_page).

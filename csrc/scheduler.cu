@@ -6,7 +6,9 @@
 //
 // * Pieces (only with no more requests than parts): cut every request into pieces of at most P
 //   pages, P the smallest length for which all pieces fit in the parts, and give each piece a part of
-//   its own. Taken when P <= budget. No part starts a second piece (each start costs a Q load and an
+//   its own. Taken when P <= budget. P then grows when longer pieces cost less (cheapest_piece): every
+//   piece of a split request writes an fp32 partial of all num_q_rows rows that the combine reads back,
+//   and with 128 rows one-page pieces cost more in partials than they save in pages. No part starts a second piece (each start costs a Q load and an
 //   epilogue), a request that fits in one piece is not split (no fp32 partial, nothing to combine),
 //   and the parts are filled as evenly as whole pages allow. When P is the longest request this is
 //   one part per request: on H100, b = 128 uniform requests of 256 pages on 132 parts (P = 256,
@@ -58,6 +60,50 @@ __device__ int smallest_piece(const int32_t* pages, int b, int num_sm_parts, int
     }
   }
   return hi;
+}
+
+// All lanes: the pieces of split requests (those cut into more than one piece) with pieces of at most
+// `piece` pages.
+__device__ int split_pieces(const int32_t* pages, int b, int piece, int lane) {
+  int count = 0;
+  for (int req = lane; req < b; req += SCHED_THREADS) {
+    const int k = pieces_of(pages[req], piece);
+    count += k > 1 ? k : 0;
+  }
+  return warp_sum(count);
+}
+
+// Modeled cost of a piece plan in partial rows (sched_meta.h): its longest piece, plus the partial
+// rows its split pieces write. int64: a long context makes piece * PARTIAL_ROWS_PER_PAGE large.
+__device__ int64_t piece_cost(const int32_t* pages, int b, int piece, int num_q_rows, int lane) {
+  return int64_t(piece) * PARTIAL_ROWS_PER_PAGE + int64_t(num_q_rows) * split_pieces(pages, b, piece, lane);
+}
+
+// floor(sqrt(x)) exactly: a float estimate, corrected in integers.
+__device__ int64_t isqrt(int64_t x) {
+  int64_t r = int64_t(sqrt(double(x)));
+  while (r * r > x) --r;
+  while ((r + 1) * (r + 1) <= x) ++r;
+  return r;
+}
+
+// All lanes: the piece length of the piece plan. `fit` (the smallest that fits the parts) or, when
+// cheaper by piece_cost, one of the two integers around the continuous optimum of
+// piece * PARTIAL_ROWS_PER_PAGE + num_q_rows * total_pages / piece; ties go to the shorter piece.
+__device__ int cheapest_piece(const int32_t* pages, int b, int fit, int longest, int64_t total_pages,
+                              int num_q_rows, int lane) {
+  const int64_t root = isqrt(int64_t(num_q_rows) * total_pages / PARTIAL_ROWS_PER_PAGE);
+  int best = fit;
+  int64_t best_cost = piece_cost(pages, b, fit, num_q_rows, lane);
+  for (int64_t cand = root; cand <= root + 1; ++cand) {
+    if (cand <= fit || cand > max(longest, 1)) continue;
+    const int64_t cost = piece_cost(pages, b, int(cand), num_q_rows, lane);
+    if (cost < best_cost) {
+      best = int(cand);
+      best_cost = cost;
+    }
+  }
+  return best;
 }
 
 __device__ __forceinline__ SchedRecord idle_record(int b) { return SchedRecord{b, 0, b - 1, 0, 0, {0, 0, 0}}; }
@@ -119,24 +165,26 @@ __device__ void plan_budget(const SchedParams& params, const int32_t* pages, int
 __global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_constant__ SchedParams params) {
   extern __shared__ int32_t pages[];  // [b]: pages per request
   const int lane = threadIdx.x;
-  int total = 0, longest = 0;
+  int total = 0, total_pages = 0, longest = 0;
   for (int req = lane; req < params.b; req += SCHED_THREADS) {
     pages[req] = num_pages_of(params.cache_seqlens[req]);
     total += pages[req] + FIXED_OVERHEAD_PAGES;
+    total_pages += pages[req];
     longest = max(longest, pages[req]);
   }
   total = warp_sum(total);
+  total_pages = warp_sum(total_pages);
   longest = warp_max(longest);
   __syncwarp();  // pages[] is complete for every lane
 
   const int budget = (total + params.num_sm_parts - 1) / params.num_sm_parts + FIXED_OVERHEAD_PAGES;
-  // Warp-uniform: every lane computes the same piece.
-  const int piece = params.b <= params.num_sm_parts ? smallest_piece(pages, params.b, params.num_sm_parts, longest, lane)
-                                                    : INT_MAX;
-  if (lane != 0) return;
-  if (piece <= budget) {
-    plan_pieces(params, pages, piece);
-  } else {
+  // Warp-uniform: every lane computes the same pieces.
+  const int fit = params.b <= params.num_sm_parts ? smallest_piece(pages, params.b, params.num_sm_parts, longest, lane)
+                                                  : INT_MAX;
+  if (fit <= budget) {
+    const int piece = cheapest_piece(pages, params.b, fit, longest, total_pages, params.num_q_rows, lane);
+    if (lane == 0) plan_pieces(params, pages, piece);
+  } else if (lane == 0) {
     plan_budget(params, pages, budget);
   }
 }

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "api.h"
@@ -30,8 +31,8 @@ void check_int32_cuda(const at::Tensor& t, const char* name, const at::Tensor& l
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-void get_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_sm_parts, const at::Tensor& records,
-                      const at::Tensor& num_splits) {
+void get_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_sm_parts, int64_t num_q_rows,
+                      const at::Tensor& records, const at::Tensor& num_splits) {
   TORCH_CHECK(cache_seqlens.is_cuda(), "cache_seqlens must be a CUDA tensor");
   check_int32_cuda(cache_seqlens, "cache_seqlens", cache_seqlens);
   check_int32_cuda(records, "records", cache_seqlens);
@@ -39,6 +40,8 @@ void get_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_sm_parts, con
   TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.is_contiguous(), "cache_seqlens must be a contiguous [b]");
   const int64_t b = cache_seqlens.size(0);
   TORCH_CHECK(num_sm_parts >= 1, "num_sm_parts must be >= 1");
+  TORCH_CHECK(num_q_rows >= 1 && num_q_rows <= INT32_MAX, "num_q_rows (s_q * h_q) must be a positive int32, got ",
+              num_q_rows);
   TORCH_CHECK(records.is_contiguous() && records.dim() == 2 && records.size(0) == num_sm_parts &&
                   records.size(1) == SCHED_RECORD_INTS,
               "records must be a contiguous [num_sm_parts, ", SCHED_RECORD_INTS, "] int32 tensor");
@@ -51,6 +54,7 @@ void get_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_sm_parts, con
   params.num_splits = num_splits.data_ptr<int32_t>();
   params.b = int(b);
   params.num_sm_parts = int(num_sm_parts);
+  params.num_q_rows = int(num_q_rows);
   check_cuda(run_scheduler(params, c10::cuda::getCurrentCUDAStream()), "scheduler launch");
 }
 
@@ -127,6 +131,7 @@ std::vector<int64_t> layout_info() {
           int64_t(offsetof(SchedRecord, end_page)),
           int64_t(offsetof(SchedRecord, begin_slot)),
           FIXED_OVERHEAD_PAGES,
+          PARTIAL_ROWS_PER_PAGE,
           D_QK,
           D_V,
           PAGE_SIZE};
@@ -136,7 +141,8 @@ std::vector<int64_t> layout_info() {
 
 TORCH_LIBRARY(flashmla_kernels, m) {
   m.def(
-      "get_mla_metadata(Tensor cache_seqlens, int num_sm_parts, Tensor(a!) records, Tensor(b!) num_splits) -> ()");
+      "get_mla_metadata(Tensor cache_seqlens, int num_sm_parts, int num_q_rows, Tensor(a!) records, "
+      "Tensor(b!) num_splits) -> ()");
   m.def(
       "decode(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, Tensor records, "
       "Tensor num_splits, float softmax_scale, bool causal, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) o_accum, "

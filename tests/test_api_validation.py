@@ -128,3 +128,4 @@ def test_metadata_shapes(fake_gpu):
     meta, splits = interface.get_mla_metadata(torch.tensor([5, 0, 700], dtype=torch.int32), 128 * 2, 1)
     assert meta.shape == (33, 8) and splits.shape == (4,)
     assert fake_gpu[-1][0] == "get_mla_metadata" and fake_gpu[-1][1][1] == 33
+    assert fake_gpu[-1][1][2] == 256, "the scheduler gets the query rows of its piece cost model"

@@ -62,12 +62,12 @@ def test_decode_matches_reference(b, s_q, h_q, seqlens, dtype, causal):
 @pytest.mark.parametrize(
     "b,h_q,kind",
     [(1, 16, "100"), (128, 128, "normal:4096"), (64, 16, "mixed"), (500, 64, "normal:300"), (128, 16, "16384"),
-     (100, 32, "normal:300"), (32, 128, "1024")],
+     (100, 32, "normal:300"), (32, 128, "1024"), (4, 128, "1024"), (1, 128, "8192")],
 )
 def test_scheduler_matches_python_model(b, h_q, kind):
     seqlens = seqlens_for(kind, b, torch.Generator().manual_seed(1))
     meta, splits = get_mla_metadata(torch.tensor(seqlens, dtype=torch.int32, device="cuda"), h_q, 1)
-    plan = plan_splits(seqlens, meta.shape[0])
+    plan = plan_splits(seqlens, meta.shape[0], h_q)
     assert [SchedRecord.from_ints(r) for r in meta.cpu().tolist()] == plan.records
     assert meta[:, 5:].eq(0).all()
     assert splits.cpu().tolist() == plan.num_splits

@@ -7,8 +7,10 @@ import pytest
 from vllm_flashmla._layout import FIXED_OVERHEAD_PAGES, SCHED_RECORD_INTS, SchedRecord
 from vllm_flashmla.scheduler import (
     budget_of,
+    cheapest_piece,
     num_pages_of,
     num_sm_parts_for,
+    piece_cost,
     pieces_of,
     plan_splits,
     smallest_piece,
@@ -43,8 +45,9 @@ CASES = [
 
 @pytest.mark.parametrize("seqlens", CASES, ids=lambda s: f"b{len(s)}")
 @pytest.mark.parametrize("num_sm_parts", [1, 7, 66, 132])
-def test_every_page_covered_exactly_once(seqlens, num_sm_parts):
-    plan = plan_splits(seqlens, num_sm_parts)
+@pytest.mark.parametrize("rows", [16, 128])
+def test_every_page_covered_exactly_once(seqlens, num_sm_parts, rows):
+    plan = plan_splits(seqlens, num_sm_parts, rows)
     assert len(plan.records) == num_sm_parts
     seen = covered_pages(plan, seqlens)
     assert sorted(seen) == list(range(len(seqlens))), "every request, empty ones too, is owned by some part"
@@ -60,9 +63,9 @@ def test_every_page_covered_exactly_once(seqlens, num_sm_parts):
 
 
 @pytest.mark.parametrize("seqlens", CASES, ids=lambda s: f"b{len(s)}")
-def test_split_slots_are_distinct_and_bounded(seqlens):
-    parts = 132
-    plan = plan_splits(seqlens, parts)
+@pytest.mark.parametrize("rows,parts", [(16, 132), (128, 66)])
+def test_split_slots_are_distinct_and_bounded(seqlens, rows, parts):
+    plan = plan_splits(seqlens, parts, rows)
     assert plan.num_splits[0] == 0 and plan.num_splits == sorted(plan.num_splits)
     assert plan.num_splits[-1] <= len(seqlens) + parts, "partial buffers hold b + num_sm_parts slots"
     slots = []
@@ -75,7 +78,7 @@ def test_split_slots_are_distinct_and_bounded(seqlens):
 def test_balance_within_one_request_overhead():
     seqlens = [random.Random(s).randint(1, 30000) for s in range(200)]
     parts = 132
-    plan = plan_splits(seqlens, parts)
+    plan = plan_splits(seqlens, parts, 16)
     cost = [0] * parts
     for part, rec in enumerate(plan.records):
         for req in range(rec.begin_req, rec.end_req + 1):
@@ -90,20 +93,20 @@ def test_few_requests_within_budget_get_a_part_each():
     # 128 x 256 pages on 132 parts: budget 259 pages. Cutting each request at the budget would leave
     # 2-page pieces, each with a whole fixed overhead, a partial and a combine; one part per request
     # instead overshoots the budget by 2 pages.
-    plan = plan_splits([16384] * 128, 132)
+    plan = plan_splits([16384] * 128, 132, 16)
     assert plan.num_splits == list(range(129))
     assert plan.records[:128] == [SchedRecord(i, 0, i, 256, i) for i in range(128)]
     assert all(r.begin_req > r.end_req for r in plan.records[128:])
     # Uneven lengths within the budget: still one part each, never two requests in one part.
     seqlens = [16384 - 64 * (i % 7) for i in range(128)]
-    plan = plan_splits(seqlens, 132)
+    plan = plan_splits(seqlens, 132, 64)
     assert [(r.begin_req, r.end_req) for r in plan.records[:128]] == [(i, i) for i in range(128)]
 
 
 def test_few_short_requests_are_cut_into_even_pieces_one_per_part():
     # 32 x 16 pages on 66 parts (h_q = 128): one part each would leave 34 parts idle; pieces of 8
     # pages fill 64 parts, each with one piece.
-    plan = plan_splits([1024] * 32, 66)
+    plan = plan_splits([1024] * 32, 66, 128)
     assert plan.num_splits == list(range(0, 65, 2))
     assert plan.records[:64] == [SchedRecord(i // 2, 8 * (i % 2), i // 2, 8 * (i % 2) + 8, i) for i in range(64)]
     assert all(r.begin_req > r.end_req for r in plan.records[64:])
@@ -121,14 +124,16 @@ def test_smallest_piece_is_the_smallest_that_fits(parts, seed):
 
 @pytest.mark.parametrize("seqlens", CASES, ids=lambda s: f"b{len(s)}")
 @pytest.mark.parametrize("num_sm_parts", [7, 66, 132])
-def test_piece_plans_hold_one_piece_per_part(seqlens, num_sm_parts):
+@pytest.mark.parametrize("rows", [16, 128])
+def test_piece_plans_hold_one_piece_per_part(seqlens, num_sm_parts, rows):
     pages = [num_pages_of(s) for s in seqlens]
     if len(pages) > num_sm_parts:
         return  # a budget plan: parts may run across requests
-    piece = smallest_piece(pages, num_sm_parts)
-    if piece > budget_of(pages, num_sm_parts):
+    fit = smallest_piece(pages, num_sm_parts)
+    if fit > budget_of(pages, num_sm_parts):
         return
-    plan = plan_splits(seqlens, num_sm_parts)
+    piece = cheapest_piece(pages, fit, rows)
+    plan = plan_splits(seqlens, num_sm_parts, rows)
     busy = [r for r in plan.records if r.begin_req <= r.end_req]
     assert len(busy) == plan.num_splits[-1] == sum(pieces_of(p, piece) for p in pages)
     assert all(r.begin_req == r.end_req and r.end_page - r.begin_page <= piece for r in busy)
@@ -140,12 +145,12 @@ def test_piece_plans_hold_one_piece_per_part(seqlens, num_sm_parts):
     ids=["longer_than_budget", "fewer_requests_than_parts", "more_requests_than_parts", "b4", "b1"],
 )
 def test_requests_are_split_when_that_uses_more_parts(seqlens, parts):
-    plan = plan_splits(seqlens, parts)
+    plan = plan_splits(seqlens, parts, 16)
     assert plan.num_splits[-1] > len(seqlens)
 
 
 def test_idle_parts_are_empty_ranges():
-    plan = plan_splits([10, 10], 8)
+    plan = plan_splits([10, 10], 8, 16)
     idle = [r for r in plan.records if r.begin_req > r.end_req]
     assert idle, "two tiny requests cannot occupy eight parts"
     assert all(r == SchedRecord(2, 0, 1, 0, 0) for r in idle)
@@ -166,6 +171,43 @@ def test_num_sm_parts(rows, parts):
 def test_plans_for_other_overheads():
     # benchmarks/sweep_sched_overhead.py times the plans the kernel would make with other constants.
     seqlens = [random.Random(s).randint(1, 30000) for s in range(200)]
-    assert plan_splits(seqlens, 132) == plan_splits(seqlens, 132, FIXED_OVERHEAD_PAGES)
+    assert plan_splits(seqlens, 132, 16) == plan_splits(seqlens, 132, 16, FIXED_OVERHEAD_PAGES)
     # More requests than parts: the budget, and so the cuts, follow the overhead.
-    assert plan_splits(seqlens, 132, 2).records != plan_splits(seqlens, 132, 8).records
+    assert plan_splits(seqlens, 132, 16, 2).records != plan_splits(seqlens, 132, 16, 8).records
+
+
+@pytest.mark.parametrize(
+    "seqlens,parts,rows,piece",
+    [
+        # 128 rows: one-page pieces write more partial rows than they save pages (perf notes, round 7)
+        ([1024] * 4, 66, 128, 2),  # 64 pages: 32 pieces of 2 instead of 64 of 1
+        ([8192], 66, 128, 3),  # 128 pages: 43 pieces of 3 instead of 64 of 2
+        # 16 rows: partials are cheap, the shortest pieces that fit stay
+        ([8192], 132, 16, 1),
+        ([1024] * 4, 132, 16, 1),
+        # long requests: the fitted pieces are already long enough
+        ([32768], 66, 128, 8),
+        ([1024] * 32, 66, 128, 8),
+        ([16384] * 128, 132, 64, 256),
+    ],
+)
+def test_piece_length_follows_the_partial_cost(seqlens, parts, rows, piece):
+    plan = plan_splits(seqlens, parts, rows)
+    busy = [r for r in plan.records if r.begin_req <= r.end_req]
+    assert max(r.end_page - r.begin_page for r in busy) == piece
+    pages = [num_pages_of(s) for s in seqlens]
+    assert plan.num_splits[-1] == sum(pieces_of(p, piece) for p in pages)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_cheapest_piece_never_costs_more_than_the_fitted_one(seed):
+    rng = random.Random(seed)
+    parts = rng.choice([66, 132])
+    rows = rng.choice([1, 16, 64, 128, 256, 1024])
+    pages = [rng.choice([0, 1, 3, 16, 100, 512, 2560]) for _ in range(rng.randint(1, parts))]
+    fit = smallest_piece(pages, parts)
+    piece = cheapest_piece(pages, fit, rows)
+    assert fit <= piece <= max(max(pages), 1)
+    assert sum(pieces_of(p, piece) for p in pages) <= parts
+    assert piece_cost(pages, piece, rows) <= piece_cost(pages, fit, rows)
+    assert piece == fit or piece_cost(pages, piece, rows) < piece_cost(pages, fit, rows)

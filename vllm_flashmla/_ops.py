@@ -26,7 +26,7 @@ def ops():
     _layout.check_against_extension(torch.ops.flashmla_kernels.layout_info())
 
     @torch.library.register_fake("flashmla_kernels::get_mla_metadata")
-    def _(cache_seqlens, num_sm_parts, records, num_splits):
+    def _(cache_seqlens, num_sm_parts, num_q_rows, records, num_splits):
         return None
 
     @torch.library.register_fake("flashmla_kernels::decode")

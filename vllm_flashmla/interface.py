@@ -101,7 +101,7 @@ def get_mla_metadata(
     b = cache_seqlens.shape[0]
     records = torch.empty(num_sm_parts, SCHED_RECORD_INTS, dtype=torch.int32, device=cache_seqlens.device)
     num_splits = torch.empty(b + 1, dtype=torch.int32, device=cache_seqlens.device)
-    ops().get_mla_metadata(cache_seqlens.contiguous(), num_sm_parts, records, num_splits)
+    ops().get_mla_metadata(cache_seqlens.contiguous(), num_sm_parts, num_q_tokens_per_head_k, records, num_splits)
     return records, num_splits
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ._layout import BLOCK_M, FIXED_OVERHEAD_PAGES, PAGE_SIZE, SchedRecord
+import math
+
+from ._layout import BLOCK_M, FIXED_OVERHEAD_PAGES, PAGE_SIZE, PARTIAL_ROWS_PER_PAGE, SchedRecord
 
 
 def num_pages_of(seqlen: int) -> int:
@@ -59,17 +61,44 @@ def smallest_piece(pages: Sequence[int], num_sm_parts: int) -> int:
     return hi
 
 
+def piece_cost(pages: Sequence[int], piece: int, num_q_rows: int) -> int:
+    """Modeled cost of a piece plan, in partial rows (PARTIAL_ROWS_PER_PAGE of them per page): the
+    longest piece, plus the fp32 partial rows that the pieces of split requests write and the combine
+    reads back."""
+    split_pieces = sum(k for k in (pieces_of(p, piece) for p in pages) if k > 1)
+    return piece * PARTIAL_ROWS_PER_PAGE + num_q_rows * split_pieces
+
+
+def cheapest_piece(pages: Sequence[int], fit: int, num_q_rows: int) -> int:
+    """The piece length of the piece plan: `fit` (the smallest that fits the parts) or, when longer
+    pieces cost less by piece_cost, the better of the two integers around the continuous optimum
+    sqrt(num_q_rows * total_pages / PARTIAL_ROWS_PER_PAGE). Ties go to the shorter piece."""
+    longest = max(max(pages, default=0), 1)
+    root = math.isqrt(num_q_rows * sum(pages) // PARTIAL_ROWS_PER_PAGE)
+    best, best_cost = fit, piece_cost(pages, fit, num_q_rows)
+    for cand in (root, root + 1):
+        if fit < cand <= longest:
+            cost = piece_cost(pages, cand, num_q_rows)
+            if cost < best_cost:
+                best, best_cost = cand, cost
+    return best
+
+
 def plan_splits(
-    cache_seqlens: Sequence[int], num_sm_parts: int, fixed_overhead_pages: int = FIXED_OVERHEAD_PAGES
+    cache_seqlens: Sequence[int],
+    num_sm_parts: int,
+    num_q_rows: int,
+    fixed_overhead_pages: int = FIXED_OVERHEAD_PAGES,
 ) -> SchedulePlan:
-    """The device scheduler's plan. `fixed_overhead_pages` other than the kernel's constant gives the
-    plan the device would make with that constant (benchmarks/sweep_sched_overhead.py times them)."""
+    """The device scheduler's plan for requests of num_q_rows (s_q * h_q) query rows each.
+    `fixed_overhead_pages` other than the kernel's constant gives the plan the device would make with
+    that constant (benchmarks/sweep_sched_overhead.py times them)."""
     pages = [num_pages_of(int(s)) for s in cache_seqlens]
     budget = budget_of(pages, num_sm_parts, fixed_overhead_pages)
     if len(pages) <= num_sm_parts:
-        piece = smallest_piece(pages, num_sm_parts)
-        if piece <= budget:
-            return _plan_pieces(pages, num_sm_parts, piece)
+        fit = smallest_piece(pages, num_sm_parts)
+        if fit <= budget:
+            return _plan_pieces(pages, num_sm_parts, cheapest_piece(pages, fit, num_q_rows))
     return _plan_budget(pages, num_sm_parts, budget, fixed_overhead_pages)
 
 
