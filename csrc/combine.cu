@@ -16,23 +16,33 @@ namespace {
 
 // Work decomposition. The merge is a latency-bound gather of fp32 partials that the decode kernel has
 // just left in L2, so what matters is how many loads are in flight, not arithmetic:
-//  * a warp merges one row over a quarter of the value columns (each lane one float4 of the quarter);
+//  * a warp merges one row over D_V / COL_SLICES value columns, each lane VECS float4 of them, with
+//    the grid's z axis over the COL_SLICES slices. Two tilings (below): quarter rows keep 4x more
+//    warps in flight, whole rows compute the row's LSE once instead of four times and launch 4x fewer
+//    CTAs, which pays once the whole-row grid alone has a CTA for every SM (H200, round 9: 1.04-1.10x
+//    at b = 16 and 32, h_q = 128; 0.91-0.95x for b = 1 and 4, whose grids then leave SMs idle);
 //  * WARPS_PER_ROW warps share a row and take every WARPS_PER_ROW-th split, then add up in shared
 //    memory. A step with few rows in all (b * s_q * h_q <= FEW_ROWS) whose requests have many splits
 //    each (b = 1: 33-132) uses 8 warps per row, so a row's splits load in one or two rounds; otherwise
 //    there are enough rows to keep loads in flight with 1 (8 warps per row measured slower at
 //    b = 4, h_q = 128 and at b = 16, h_q = 16 on H100);
-//  * each warp issues SPLITS_PER_BATCH splits' loads before it uses any of them.
+//  * each warp issues SPLITS_PER_BATCH splits' loads (VECS float4 each) before it uses any of them.
 // The grid covers min(b, num_sm_parts) request slots: at most num_sm_parts requests can be split, so
 // a large batch does not launch a CTA per (request, row) just to find most requests unsplit.
-constexpr int COLS_PER_WARP = 32 * 4;
-constexpr int COL_QUARTERS = D_V / COLS_PER_WARP;  // 4
+constexpr int COLS_PER_VEC = 32 * 4;  // one float4 per lane of a warp
 constexpr int WARPS_PER_CTA = 8;
 constexpr int COMBINE_THREADS = WARPS_PER_CTA * 32;
-constexpr int SPLITS_PER_BATCH = 8;
 constexpr int MANY_SPLITS = 8;  // parts per request from which a row may get all 8 warps
 constexpr int FEW_ROWS = 128;   // query rows of the whole step up to which it does
-static_assert(D_V % COLS_PER_WARP == 0, "a warp covers a column quarter with one float4 per lane");
+
+template <int COL_SLICES_, int SPLITS_PER_BATCH_> struct Tiling {
+  static constexpr int COL_SLICES = COL_SLICES_;
+  static constexpr int VECS = D_V / (COL_SLICES * COLS_PER_VEC);  // float4 per lane per split
+  static constexpr int SPLITS_PER_BATCH = SPLITS_PER_BATCH_;
+  static_assert(D_V % (COL_SLICES * COLS_PER_VEC) == 0, "a slice is whole float4 per lane");
+};
+using QuarterRows = Tiling<4, 8>;  // 8 loads in flight per lane
+using WholeRows = Tiling<1, 4>;    // 16 loads in flight per lane
 constexpr float LN2 = 0.69314718055994530942f;
 
 template <typename T> __device__ __forceinline__ T from_float(float x);
@@ -61,16 +71,17 @@ __device__ __forceinline__ float row_lse_log2(const float* lse_row, int64_t stri
   return max_lse + log2f(sum);
 }
 
-template <typename Element, int WARPS_PER_ROW>
+template <typename Element, int WARPS_PER_ROW, typename T>
 __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_constant__ CombineParams params) {
   constexpr int ROWS_PER_CTA = WARPS_PER_CTA / WARPS_PER_ROW;
+  constexpr int VECS = T::VECS;
   static_assert(WARPS_PER_CTA % WARPS_PER_ROW == 0, "whole rows per CTA");
-  __shared__ float4 partial_sum[WARPS_PER_ROW > 1 ? WARPS_PER_CTA : 1][32];
+  __shared__ float4 partial_sum[WARPS_PER_ROW > 1 ? WARPS_PER_CTA : 1][VECS][32];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.y * ROWS_PER_CTA + warp / WARPS_PER_ROW;
   const int split_lane = warp % WARPS_PER_ROW;  // this warp takes splits split_lane, +WARPS_PER_ROW, ...
-  const int col = blockIdx.z * COLS_PER_WARP + lane * 4;
+  const int col = blockIdx.z * (VECS * COLS_PER_VEC) + lane * 4;  // the lane's first column; +COLS_PER_VEC
   const int64_t lse_stride = params.num_q_rows;  // between consecutive splits of one row
   const int64_t o_stride = lse_stride * D_V;
 
@@ -83,36 +94,42 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
     const float* lse_row = params.lse_accum + int64_t(first) * lse_stride + row;
     const float lse_log2 = active ? row_lse_log2(lse_row, lse_stride, n, lane) : -INFINITY;
 
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    float4 acc[VECS];
+#pragma unroll
+    for (int v = 0; v < VECS; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (lse_log2 != -INFINITY) {
       const float* o_row = params.o_accum + (int64_t(first) * params.num_q_rows + row) * D_V + col;
-      for (int k0 = split_lane; k0 < n; k0 += SPLITS_PER_BATCH * WARPS_PER_ROW) {
-        float4 x[SPLITS_PER_BATCH];
-        float w[SPLITS_PER_BATCH];
+      for (int k0 = split_lane; k0 < n; k0 += T::SPLITS_PER_BATCH * WARPS_PER_ROW) {
+        float4 x[T::SPLITS_PER_BATCH][VECS];
+        float w[T::SPLITS_PER_BATCH];
 #pragma unroll
-        for (int j = 0; j < SPLITS_PER_BATCH; ++j) {  // clamp instead of predicating: all loads issue
+        for (int j = 0; j < T::SPLITS_PER_BATCH; ++j) {  // clamp instead of predicating: all loads issue
           const int k = min(k0 + j * WARPS_PER_ROW, n - 1);
-          x[j] = *reinterpret_cast<const float4*>(o_row + k * o_stride);
           w[j] = lse_row[k * lse_stride];
+#pragma unroll
+          for (int v = 0; v < VECS; ++v) {
+            x[j][v] = *reinterpret_cast<const float4*>(o_row + k * o_stride + v * COLS_PER_VEC);
+          }
         }
 #pragma unroll
-        for (int j = 0; j < SPLITS_PER_BATCH; ++j) {
-          if (k0 + j * WARPS_PER_ROW < n) fma4(acc, exp2f(w[j] - lse_log2), x[j]);
+        for (int j = 0; j < T::SPLITS_PER_BATCH; ++j) {
+          if (k0 + j * WARPS_PER_ROW >= n) continue;
+          const float weight = exp2f(w[j] - lse_log2);
+#pragma unroll
+          for (int v = 0; v < VECS; ++v) fma4(acc[v], weight, x[j][v]);
         }
       }
     }
 
     if constexpr (WARPS_PER_ROW > 1) {
-      partial_sum[warp][lane] = acc;
+#pragma unroll
+      for (int v = 0; v < VECS; ++v) partial_sum[warp][v][lane] = acc[v];
       __syncthreads();
       if (split_lane == 0) {
 #pragma unroll
         for (int w = 1; w < WARPS_PER_ROW; ++w) {
-          const float4 other = partial_sum[warp + w][lane];
-          acc.x += other.x;
-          acc.y += other.y;
-          acc.z += other.z;
-          acc.w += other.w;
+#pragma unroll
+          for (int v = 0; v < VECS; ++v) fma4(acc[v], 1.f, partial_sum[warp + w][v][lane]);
         }
       }
       __syncthreads();  // partial_sum is reused by the next request of this CTA
@@ -122,9 +139,12 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
     const int i = row / params.h_q, h = row % params.h_q;
     Element* dst = static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
                    h * params.stride_o_h + col;
-    const Element packed[4] = {from_float<Element>(acc.x), from_float<Element>(acc.y), from_float<Element>(acc.z),
-                               from_float<Element>(acc.w)};
-    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(packed);
+#pragma unroll
+    for (int v = 0; v < VECS; ++v) {
+      const Element packed[4] = {from_float<Element>(acc[v].x), from_float<Element>(acc[v].y),
+                                 from_float<Element>(acc[v].z), from_float<Element>(acc[v].w)};
+      *reinterpret_cast<uint2*>(dst + v * COLS_PER_VEC) = *reinterpret_cast<const uint2*>(packed);
+    }
     if (lane == 0 && blockIdx.z == 0) {
       params.lse[req * params.stride_lse_b + h * params.stride_lse_h + i] =
           lse_log2 != -INFINITY ? lse_log2 * LN2 : INFINITY;
@@ -132,20 +152,27 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
   }
 }
 
-template <typename Element, int WARPS_PER_ROW>
-void launch(const CombineParams& params, cudaStream_t stream) {
+// The grid: request slots x row groups x column slices.
+template <int WARPS_PER_ROW, typename T> dim3 combine_grid(const CombineParams& params) {
   constexpr int ROWS_PER_CTA = WARPS_PER_CTA / WARPS_PER_ROW;
-  const dim3 grid(std::min(params.b, params.num_sm_parts), (params.num_q_rows + ROWS_PER_CTA - 1) / ROWS_PER_CTA,
-                  COL_QUARTERS);
-  combine_kernel<Element, WARPS_PER_ROW><<<grid, COMBINE_THREADS, 0, stream>>>(params);
+  return dim3(std::min(params.b, params.num_sm_parts), (params.num_q_rows + ROWS_PER_CTA - 1) / ROWS_PER_CTA,
+              T::COL_SLICES);
+}
+
+template <typename Element, int WARPS_PER_ROW, typename T>
+void launch(const CombineParams& params, cudaStream_t stream) {
+  combine_kernel<Element, WARPS_PER_ROW, T>
+      <<<combine_grid<WARPS_PER_ROW, T>(params), COMBINE_THREADS, 0, stream>>>(params);
 }
 
 template <typename Element>
 void launch(const CombineParams& params, cudaStream_t stream) {
   if (params.b * params.num_q_rows <= FEW_ROWS && params.num_sm_parts >= MANY_SPLITS * params.b) {
-    launch<Element, WARPS_PER_CTA>(params, stream);
+    launch<Element, WARPS_PER_CTA, QuarterRows>(params, stream);
+  } else if (const dim3 whole = combine_grid<1, WholeRows>(params); int64_t(whole.x) * whole.y >= params.num_sms) {
+    launch<Element, 1, WholeRows>(params, stream);
   } else {
-    launch<Element, 1>(params, stream);
+    launch<Element, 1, QuarterRows>(params, stream);
   }
 }
 

@@ -38,6 +38,7 @@ cudaError_t run_decode(const DecodeParams& params, DType dtype, const void* k_ca
   combine.h_q = params.h_q;
   combine.num_q_rows = params.num_q_rows;
   combine.num_sm_parts = params.num_sm_parts;
+  combine.num_sms = params.num_sms;
   return run_combine(combine, dtype, stream);
 }
 

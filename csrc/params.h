@@ -35,6 +35,7 @@ struct DecodeParams {
   int b, s_q, h_q;
   int num_q_rows;        // s_q * h_q: query rows per request, packed (s_q major, h_q minor)
   int num_sm_parts;
+  int num_sms;           // SMs of the device (the combine's choice of tiling)
   float scale_log2;      // softmax_scale * log2(e)
   bool causal;
 };
@@ -49,6 +50,7 @@ struct CombineParams {
   int64_t stride_lse_b, stride_lse_h;
   int b, s_q, h_q, num_q_rows;
   int num_sm_parts;  // bounds the number of split requests
+  int num_sms;       // SMs of the device
 };
 
 }  // namespace vllm_flashmla

@@ -114,6 +114,9 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& bl
   params.h_q = int(h_q);
   params.num_q_rows = int(s_q * h_q);
   params.num_sm_parts = int(num_sm_parts);
+  // A cached device attribute, not a stream operation: safe while a CUDA graph is captured.
+  check_cuda(cudaDeviceGetAttribute(&params.num_sms, cudaDevAttrMultiProcessorCount, q.get_device()),
+             "SM count query");
   params.scale_log2 = float(softmax_scale * M_LOG2E);
   params.causal = causal && s_q > 1;
   const DType dtype = q.scalar_type() == at::kBFloat16 ? DType::BFloat16 : DType::Float16;
