@@ -19,7 +19,7 @@ namespace {
 //  * a warp merges one row over D_V / COL_SLICES value columns, each lane VECS float4 of them, with
 //    the grid's z axis over the COL_SLICES slices. Two tilings (below): quarter rows keep 4x more
 //    warps in flight, whole rows compute the row's LSE once instead of four times and launch 4x fewer
-//    CTAs, which pays once the whole-row grid alone has a CTA for every SM (H200, round 9: 1.04-1.10x
+//    CTAs, which pays once the whole-row grid alone has a CTA for every SM (perf notes round 9: 1.04-1.10x
 //    at b = 16 and 32, h_q = 128; 0.91-0.95x for b = 1 and 4, whose grids then leave SMs idle);
 //  * WARPS_PER_ROW warps share a row and take every WARPS_PER_ROW-th split, then add up in shared
 //    memory. A step with few rows in all (b * s_q * h_q <= FEW_ROWS) whose requests have many splits
@@ -71,10 +71,10 @@ __device__ __forceinline__ float row_lse_log2(const float* lse_row, int64_t stri
   return max_lse + log2f(sum);
 }
 
-template <typename Element, int WARPS_PER_ROW, typename T>
+template <typename Element, int WARPS_PER_ROW, typename Tiles>
 __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_constant__ CombineParams params) {
   constexpr int ROWS_PER_CTA = WARPS_PER_CTA / WARPS_PER_ROW;
-  constexpr int VECS = T::VECS;
+  constexpr int VECS = Tiles::VECS;
   static_assert(WARPS_PER_CTA % WARPS_PER_ROW == 0, "whole rows per CTA");
   __shared__ float4 partial_sum[WARPS_PER_ROW > 1 ? WARPS_PER_CTA : 1][VECS][32];
 
@@ -99,11 +99,11 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
     for (int v = 0; v < VECS; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (lse_log2 != -INFINITY) {
       const float* o_row = params.o_accum + (int64_t(first) * params.num_q_rows + row) * D_V + col;
-      for (int k0 = split_lane; k0 < n; k0 += T::SPLITS_PER_BATCH * WARPS_PER_ROW) {
-        float4 x[T::SPLITS_PER_BATCH][VECS];
-        float w[T::SPLITS_PER_BATCH];
+      for (int k0 = split_lane; k0 < n; k0 += Tiles::SPLITS_PER_BATCH * WARPS_PER_ROW) {
+        float4 x[Tiles::SPLITS_PER_BATCH][VECS];
+        float w[Tiles::SPLITS_PER_BATCH];
 #pragma unroll
-        for (int j = 0; j < T::SPLITS_PER_BATCH; ++j) {  // clamp instead of predicating: all loads issue
+        for (int j = 0; j < Tiles::SPLITS_PER_BATCH; ++j) {  // clamp instead of predicating: all loads issue
           const int k = min(k0 + j * WARPS_PER_ROW, n - 1);
           w[j] = lse_row[k * lse_stride];
 #pragma unroll
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
           }
         }
 #pragma unroll
-        for (int j = 0; j < T::SPLITS_PER_BATCH; ++j) {
+        for (int j = 0; j < Tiles::SPLITS_PER_BATCH; ++j) {
           if (k0 + j * WARPS_PER_ROW >= n) continue;
           const float weight = exp2f(w[j] - lse_log2);
 #pragma unroll
@@ -153,16 +153,16 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
 }
 
 // The grid: request slots x row groups x column slices.
-template <int WARPS_PER_ROW, typename T> dim3 combine_grid(const CombineParams& params) {
+template <int WARPS_PER_ROW, typename Tiles> dim3 combine_grid(const CombineParams& params) {
   constexpr int ROWS_PER_CTA = WARPS_PER_CTA / WARPS_PER_ROW;
   return dim3(std::min(params.b, params.num_sm_parts), (params.num_q_rows + ROWS_PER_CTA - 1) / ROWS_PER_CTA,
-              T::COL_SLICES);
+              Tiles::COL_SLICES);
 }
 
-template <typename Element, int WARPS_PER_ROW, typename T>
+template <typename Element, int WARPS_PER_ROW, typename Tiles>
 void launch(const CombineParams& params, cudaStream_t stream) {
-  combine_kernel<Element, WARPS_PER_ROW, T>
-      <<<combine_grid<WARPS_PER_ROW, T>(params), COMBINE_THREADS, 0, stream>>>(params);
+  combine_kernel<Element, WARPS_PER_ROW, Tiles>
+      <<<combine_grid<WARPS_PER_ROW, Tiles>(params), COMBINE_THREADS, 0, stream>>>(params);
 }
 
 template <typename Element>
