@@ -20,7 +20,7 @@ namespace {
 //    the grid's z axis over the COL_SLICES slices. Two tilings (below): quarter rows keep 4x more
 //    warps in flight, whole rows compute the row's LSE once instead of four times and launch 4x fewer
 //    CTAs, which pays once the whole-row grid alone has a CTA for every SM (perf notes round 9: 1.04-1.10x
-//    at b = 16 and 32, h_q = 128; 0.91-0.95x for b = 1 and 4, whose grids then leave SMs idle);
+//    at b = 16 and 32, h_q = 128; down to 0.91x at b = 1 to 16 where that grid is 2-64 CTAs);
 //  * WARPS_PER_ROW warps share a row and take every WARPS_PER_ROW-th split, then add up in shared
 //    memory. A step with few rows in all (b * s_q * h_q <= FEW_ROWS) whose requests have many splits
 //    each (b = 1: 33-132) uses 8 warps per row, so a row's splits load in one or two rounds; otherwise
