@@ -54,8 +54,8 @@ def sweep_shape(
     n = len(kv)
     out = torch.empty(shape.b, shape.s_q, shape.h_q, D_V, dtype=torch.bfloat16, device="cuda")
     base = bd.reference_baseline(inp)
-    parts = num_sm_parts_for(num_sms, shape.s_q * shape.h_q)
     rows = shape.s_q * shape.h_q
+    parts = num_sm_parts_for(num_sms, rows)
     plans = [plan_tensors(inp.seqlens_cpu.tolist(), parts, rows, o) for o in overheads]  # alive while graphs replay
     graphs = []
     for o, (records, splits) in zip(overheads, plans, strict=True):

@@ -11,11 +11,10 @@
 //   back, and with 128 rows one-page pieces cost more in partials than they save in pages. No part
 //   starts a second piece (each start costs a Q load and an epilogue), a request that fits in one
 //   piece is not split (no fp32 partial, nothing to combine), and the parts are filled as evenly as
-//   whole pages allow. When P is the longest request this is
-//   one part per request: on H100, b = 128 uniform requests of 256 pages on 132 parts (P = 256,
-//   budget 259) step 1-5% faster so than split by budget (docs/perf-notes.md, round 4). On H200,
-//   b = 32 requests of 16 pages on 66 parts (h_q = 128) take pieces of 8 pages on 64 parts instead of
-//   16 on 32 (round 6).
+//   whole pages allow. When P is the longest request this is one part per request: on H100,
+//   b = 128 uniform requests of 256 pages on 132 parts (P = 256, budget 259) step 1-5% faster than
+//   split by budget (docs/perf-notes.md, round 4). On H200, b = 32 requests of 16 pages on 66
+//   parts (h_q = 128) take pieces of 8 pages on 64 parts instead of 16 on 32 (round 6).
 // * Budget: parts take contiguous (request, page) runs in request order; a request that does not fit
 //   the rest of a part's budget is cut, and continues in the next part. The extra overhead in the
 //   budget pays for the one request piece a part may have to start mid-request, so the parts always

@@ -18,9 +18,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from mla_cases import compare, make_problem, seqlens_for  # noqa: E402
 
 from vllm_flashmla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+from vllm_flashmla._ops import ops  # noqa: E402
 from vllm_flashmla.reference import mla_decode_reference  # noqa: E402
 from vllm_flashmla.scheduler import plan_splits  # noqa: E402
-from vllm_flashmla._layout import SchedRecord  # noqa: E402
+from vllm_flashmla._layout import SCHED_RECORD_INTS, SchedRecord  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -120,6 +121,16 @@ def test_metadata_for_other_head_count_rejected():
     meta, splits = get_mla_metadata(p.cache_seqlens, 16, 1)
     with pytest.raises(ValueError, match="different num_q_tokens_per_head_k"):
         flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512, meta, splits)
+
+
+@pytest.mark.parametrize("num_q_rows", [0, 2**31])
+def test_op_rejects_query_rows_outside_int32(num_q_rows):
+    # The op's own guard for direct torch.ops callers; get_mla_metadata validates before reaching it.
+    seqlens = torch.tensor([64, 64], dtype=torch.int32, device="cuda")
+    records = torch.empty(132, SCHED_RECORD_INTS, dtype=torch.int32, device="cuda")
+    splits = torch.empty(3, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match=rf"num_q_rows \(s_q \* h_q\) must be a positive int32, got {num_q_rows}"):
+        ops().get_mla_metadata(seqlens, 132, num_q_rows, records, splits)
 
 
 def bench_case(b, s_q, h_q, seqlen_kind, dtype=torch.bfloat16, causal=None, reps=50):

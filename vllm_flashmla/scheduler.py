@@ -6,10 +6,9 @@ records and split counts computed here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
-
-import math
 
 from ._layout import BLOCK_M, FIXED_OVERHEAD_PAGES, PAGE_SIZE, PARTIAL_ROWS_PER_PAGE, SchedRecord
 
