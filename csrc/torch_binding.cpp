@@ -73,7 +73,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& bl
                   k_cache.size(3) == D_QK && k_cache.stride(3) == 1,
               "k_cache must be [num_pages, ", PAGE_SIZE, ", ", H_KV, ", ", D_QK, "] with a contiguous last dim");
   for (const at::Tensor* t : {&block_table, &cache_seqlens, &records, &num_splits}) check_int32_cuda(*t, "index tensor", q);
-  TORCH_CHECK(out.is_cuda() && out.device() == q.device() && out.is_contiguous(), "out must be contiguous on q's device");
+  TORCH_CHECK(out.is_cuda() && out.device() == q.device() && out.is_contiguous() && aligned16(out),
+              "out must be contiguous and 16-byte aligned on q's device");
   TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
               "lse must be a contiguous float32 tensor on q's device");
   TORCH_CHECK(o_accum.is_contiguous() && o_accum.scalar_type() == at::kFloat && lse_accum.is_contiguous() &&

@@ -88,6 +88,8 @@ def test_three_dim_cache_is_accepted(fake_gpu):
         (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a positive finite float"),
         (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a positive finite float"),
         (dict(out=torch.empty(B, S_Q, H_Q, 512)), ValueError, "out must be a contiguous"),
+        (dict(out=torch.empty(B * S_Q * H_Q * 512 + 1, dtype=torch.bfloat16)[1:].view(B, S_Q, H_Q, 512)), ValueError,
+         "out must start at a 16-byte aligned address"),
         (dict(block_table=torch.zeros(B, MAX_PAGES, dtype=torch.int32, device="meta")), ValueError, "block_table must be on q's device cpu, got meta"),
     ],
 )

@@ -233,6 +233,11 @@ def flash_mla_with_kvcache(
                 f"out must be a contiguous {(b, s_q, h_q, D_V)} {q.dtype} tensor on {q.device}, got "
                 f"{tuple(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()})"
             )
+        if out.data_ptr() % 16:
+            raise ValueError(
+                f"out must start at a 16-byte aligned address (the kernels store 16-byte pieces of its rows), got "
+                f"address {out.data_ptr():#x}; pass a freshly allocated tensor or a view at a multiple of 8 elements"
+            )
     if check_seqlens:
         _check_seqlens_fit(cache_seqlens, block_table.shape[1])
 

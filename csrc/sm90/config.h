@@ -60,6 +60,9 @@ struct DecodeConfig {
   static constexpr int QK_HEAD_STEPS = QK_STEPS_PER_BOX;
   static constexpr int PV_STEPS = BLOCK_N / MMA_K;                        // 4
   static constexpr int P_BOX = NUM_QK_BOXES - 1;                          // the RoPE box, reused for P
+  // Final outputs of tiles with at most this many real rows are stored from the accumulator registers;
+  // larger ones go through shared memory as whole rows (see the epilogue).
+  static constexpr int DIRECT_OUTPUT_MAX_ROWS = 16;
   // Accumulator fragments: each thread of a warpgroup holds N/2 fp32 values of a 64xN wgmma tile.
   static constexpr int S_FRAG = BLOCK_N / 2;                              // 32
   static constexpr int O_FRAG = O_COLS_PER_WG / 2;                        // 128
@@ -80,7 +83,8 @@ struct DecodeConfig {
 enum class NamedBarrier : uint32_t {
   QReady = 1,   // Q of a new request is in shared memory
   RowSum = 2,   // both warpgroups published their row sums
-  PReady = 3,   // PReady + stage: the owner of the stage's page published P, the row maxima and the
+  Output = 3,   // the output tile is staged in shared memory / has been read back out of it
+  PReady = 4,   // PReady + stage: the owner of the stage's page published P, the row maxima and the
                 // zeroed V tail rows
 };
 

@@ -31,41 +31,96 @@ struct Epilogue {
     total[1] = smem.row_sum[0][r0 + 8] + smem.row_sum[1][r0 + 8];
   }
 
-  __device__ static void store(Smem& smem, const DecodeParams& params, const OnlineSoftmax<Config>& softmax,
-                               const float (&o)[Config::O_FRAG], int req, int m_block, bool is_split, int slot,
-                               int wg, int wg_tid) {
+  // The final output of a request this CTA covered alone, for tiles of more than DIRECT_OUTPUT_MAX_ROWS
+  // rows. The fragments are scattered 4-byte pieces (a quad holds 16 bytes of a row, half a 32-byte
+  // sector), and stored to global memory directly they took 6.7 us for a 64-row tile (perf notes
+  // round 10). So they are staged in shared memory over Q, which no wgmma reads any more (the RowSum
+  // barrier before this is past both warpgroups' last QK^T), as [BLOCK_M rows][D_V] with 16-byte
+  // chunks XOR-swizzled by row so that both the fragment writes and the row reads are free of bank
+  // conflicts, then written out as whole 1 KiB rows of 16-byte stores.
+  __device__ __forceinline__ static void store_output(Smem& smem, const DecodeParams& params,
+                                                      const float (&o)[Config::O_FRAG], const float (&inv_sum)[2],
+                                                      int req, int m_block, int wg, int wg_tid) {
+    constexpr int ROW_BYTES = D_V * int(sizeof(Element));
+    constexpr int CHUNK_ELEMS = 16 / int(sizeof(Element));
+    constexpr int CHUNKS_PER_ROW = ROW_BYTES / 16;
+    static_assert(Config::BLOCK_M * ROW_BYTES <= int(sizeof(smem.q)), "the output tile fits over Q");
+    static_assert(CHUNKS_PER_ROW % 8 == 0, "the swizzle permutes chunks within groups of 8");
+    // The lane comes from a volatile read so that none of the addresses below is hoisted out of the
+    // request loop, where they would hold registers through the mainloop (ptxas then spills).
+    const int lane = lane_id(), r0 = 16 * (wg_tid / 32) + lane / 4;
+    // Rows r0 and r0 + 8 share r % 8 = lane / 4, and the tile is 1024-byte aligned: the XOR touches
+    // only bits 4-6 of an address whose other terms leave them clear.
+    const uint32_t frag_base = cute::cast_smem_ptr_to_uint(smem.q) + r0 * ROW_BYTES +
+                               (wg * Config::O_COLS_PER_WG + 2 * (lane % 4)) * int(sizeof(Element));
+    const uint32_t swizzle = uint32_t(r0 % 8) << 4;
+#pragma unroll
+    for (int j = 0; j < Config::O_FRAG / 4; ++j) {
+      const uint32_t chunk = (frag_base + 16 * j) ^ swizzle;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        st_shared_u32(chunk + 8 * half * ROW_BYTES,
+                      pack_pair<Element>(o[4 * j + 2 * half] * inv_sum[half], o[4 * j + 2 * half + 1] * inv_sum[half]));
+      }
+    }
+    named_barrier_sync(NamedBarrier::Output, Config::NUM_MMA_THREADS);
+    const char* tile = reinterpret_cast<const char*>(smem.q);
+    const int tid = wg * Config::WARPGROUP_THREADS + wg_tid;
+    for (int idx = tid; idx < Config::BLOCK_M * CHUNKS_PER_ROW; idx += Config::NUM_MMA_THREADS) {
+      const int r = idx / CHUNKS_PER_ROW, chunk = idx % CHUNKS_PER_ROW;
+      const int row = m_block * Config::BLOCK_M + r;
+      if (row >= params.num_q_rows) break;  // rows only grow with idx
+      const int i = row / params.h_q, h = row % params.h_q;
+      Element* dst = static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
+                     h * params.stride_o_h + chunk * CHUNK_ELEMS;
+      *reinterpret_cast<uint4*>(dst) =
+          *reinterpret_cast<const uint4*>(tile + r * ROW_BYTES + ((chunk ^ (r % 8)) << 4));
+    }
+    // The next request's load_q overwrites the tile.
+    named_barrier_sync(NamedBarrier::Output, Config::NUM_MMA_THREADS);
+  }
+
+  __device__ __forceinline__ static void store(Smem& smem, const DecodeParams& params,
+                                               const OnlineSoftmax<Config>& softmax, const float (&o)[Config::O_FRAG],
+                                               int req, int m_block, bool is_split, int slot, int wg, int wg_tid) {
     float total[2];
     total_row_sum(smem, softmax, wg, wg_tid, total);
     const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
     const int col0 = wg * Config::O_COLS_PER_WG + 2 * (lane % 4);
+    const float inv_sum[2] = {total[0] > 0.f ? 1.f / total[0] : 0.f, total[1] > 0.f ? 1.f / total[1] : 0.f};
 
+    // Staging pays from 32 rows on; a tile of at most 16 has them all in one warp per warpgroup, whose
+    // direct stores measured faster than the staging's two barriers (perf notes round 10).
+    const bool staged = !is_split && params.num_q_rows - m_block * Config::BLOCK_M > Config::DIRECT_OUTPUT_MAX_ROWS;
+    if (staged) store_output(smem, params, o, inv_sum, req, m_block, wg, wg_tid);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = m_block * Config::BLOCK_M + r0 + 8 * half;
       if (row >= params.num_q_rows) continue;
-      const float inv_sum = total[half] > 0.f ? 1.f / total[half] : 0.f;
       const float lse_log2 = softmax.lse_log2(half, total[half]);
       if (is_split) {
         float* dst = params.o_accum + (int64_t(slot) * params.num_q_rows + row) * D_V + col0;
 #pragma unroll
         for (int j = 0; j < Config::O_FRAG / 4; ++j) {
           *reinterpret_cast<float2*>(dst + 8 * j) =
-              make_float2(o[4 * j + 2 * half] * inv_sum, o[4 * j + 2 * half + 1] * inv_sum);
+              make_float2(o[4 * j + 2 * half] * inv_sum[half], o[4 * j + 2 * half + 1] * inv_sum[half]);
         }
         if (wg == 0 && lane % 4 == 0) params.lse_accum[int64_t(slot) * params.num_q_rows + row] = lse_log2;
-      } else {
-        const int i = row / params.h_q, h = row % params.h_q;
+        continue;
+      }
+      const int i = row / params.h_q, h = row % params.h_q;
+      if (!staged) {
         Element* dst = static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
                        h * params.stride_o_h + col0;
 #pragma unroll
         for (int j = 0; j < Config::O_FRAG / 4; ++j) {
           *reinterpret_cast<uint32_t*>(dst + 8 * j) =
-              pack_pair<Element>(o[4 * j + 2 * half] * inv_sum, o[4 * j + 2 * half + 1] * inv_sum);
+              pack_pair<Element>(o[4 * j + 2 * half] * inv_sum[half], o[4 * j + 2 * half + 1] * inv_sum[half]);
         }
-        if (wg == 0 && lane % 4 == 0) {
-          params.lse[req * params.stride_lse_b + h * params.stride_lse_h + i] =
-              total[half] > 0.f ? lse_log2 * LN2 : INFINITY;
-        }
+      }
+      if (wg == 0 && lane % 4 == 0) {
+        params.lse[req * params.stride_lse_b + h * params.stride_lse_h + i] =
+            total[half] > 0.f ? lse_log2 * LN2 : INFINITY;
       }
     }
   }

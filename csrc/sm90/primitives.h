@@ -103,6 +103,18 @@ __device__ __forceinline__ NamedBarrier p_ready(int stage) {
   return NamedBarrier(uint32_t(NamedBarrier::PReady) + uint32_t(stage));
 }
 
+// The lane index as a volatile read, which the compiler cannot hoist out of a loop (see the epilogue).
+__device__ __forceinline__ int lane_id() {
+  int lane;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+  return lane;
+}
+
+// A 4-byte shared-memory store by 32-bit shared address.
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t value) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(value) : "memory");
+}
+
 // Make generic-proxy shared-memory writes visible to the async proxy (wgmma operand reads, TMA).
 __device__ __forceinline__ void fence_view_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
