@@ -26,11 +26,9 @@ namespace {
 //    each (b = 1: 33-132) uses 8 warps per row, so a row's splits load in one or two rounds; otherwise
 //    there are enough rows to keep loads in flight with 1 (8 warps per row measured slower at
 //    b = 4, h_q = 128 and at b = 16, h_q = 16 on H100);
-//  * each warp issues SPLITS_PER_BATCH splits' loads (VECS float4 each) before it uses any of them,
-//    and prefetches the first batch into L1 before it computes the row's LSE.
+//  * each warp issues SPLITS_PER_BATCH splits' loads (VECS float4 each) before it uses any of them.
 // The grid covers min(b, num_sm_parts) request slots: at most num_sm_parts requests can be split, so
-// a large batch does not launch a CTA per (request, row) just to find most requests unsplit; a CTA
-// reads the split counts of up to 32 of its slots in one round.
+// a large batch does not launch a CTA per (request, row) just to find most requests unsplit.
 constexpr int COLS_PER_VEC = 32 * 4;  // one float4 per lane of a warp
 constexpr int WARPS_PER_CTA = 8;
 constexpr int COMBINE_THREADS = WARPS_PER_CTA * 32;
@@ -73,20 +71,6 @@ __device__ __forceinline__ float row_lse_log2(const float* lse_row, int64_t stri
   return max_lse + log2f(sum);
 }
 
-// Start fetching the partial outputs of a warp's first batch of splits into L1 without holding
-// registers for them: the row's LSE is computed meanwhile, and the batch's loads then hit L1.
-template <int WARPS_PER_ROW, typename Tiles>
-__device__ __forceinline__ void prefetch_first_batch(const float* o_row, int64_t o_stride, int k0, int n) {
-#pragma unroll
-  for (int j = 0; j < Tiles::SPLITS_PER_BATCH; ++j) {
-    const int k = min(k0 + j * WARPS_PER_ROW, n - 1);
-#pragma unroll
-    for (int v = 0; v < Tiles::VECS; ++v) {
-      asm volatile("prefetch.global.L1 [%0];" ::"l"(o_row + k * o_stride + v * COLS_PER_VEC));
-    }
-  }
-}
-
 template <typename Element, int WARPS_PER_ROW, typename Tiles>
 __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_constant__ CombineParams params) {
   constexpr int ROWS_PER_CTA = WARPS_PER_CTA / WARPS_PER_ROW;
@@ -100,87 +84,70 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
   const int col = blockIdx.z * (VECS * COLS_PER_VEC) + lane * 4;  // the lane's first column; +COLS_PER_VEC
   const int64_t lse_stride = params.num_q_rows;  // between consecutive splits of one row
   const int64_t o_stride = lse_stride * D_V;
-  // Rows past the end still take part in the block-wide barriers below, with nothing to load.
-  const bool active = row < params.num_q_rows;
 
-  // The CTA's request slots are blockIdx.x, + gridDim.x, ...; most of them are usually not split. Each
-  // lane reads the split count of one slot, so 32 slots cost one round of loads instead of one
-  // dependent round each, and every warp walks the same split requests (the barriers need that).
-  for (int base = blockIdx.x; base < params.b; base += 32 * gridDim.x) {
-    const int lane_req = base + lane * gridDim.x;
-    int lane_first = 0, lane_n = 0;
-    if (lane_req < params.b) {
-      lane_first = params.num_splits[lane_req];
-      lane_n = params.num_splits[lane_req + 1] - lane_first;
-    }
-    // Requests with one split were finished in place by the decode kernel.
-    for (uint32_t todo = __ballot_sync(0xffffffffu, lane_n > 1); todo != 0; todo &= todo - 1) {
-      const int slot = __ffs(todo) - 1;
-      const int req = base + slot * gridDim.x;
-      const int first = __shfl_sync(0xffffffffu, lane_first, slot);
-      const int n = __shfl_sync(0xffffffffu, lane_n, slot);
-      const float* lse_row = params.lse_accum + int64_t(first) * lse_stride + row;
+  for (int req = blockIdx.x; req < params.b; req += gridDim.x) {
+    const int first = params.num_splits[req];
+    const int n = params.num_splits[req + 1] - first;
+    if (n <= 1) continue;  // finished in place by the decode kernel
+    // Rows past the end still take part in the block-wide barrier below, with nothing to load.
+    const bool active = row < params.num_q_rows;
+    const float* lse_row = params.lse_accum + int64_t(first) * lse_stride + row;
+    const float lse_log2 = active ? row_lse_log2(lse_row, lse_stride, n, lane) : -INFINITY;
+
+    float4 acc[VECS];
+#pragma unroll
+    for (int v = 0; v < VECS; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (lse_log2 != -INFINITY) {
       const float* o_row = params.o_accum + (int64_t(first) * params.num_q_rows + row) * D_V + col;
-
-      // The first batch's partials are requested before the row's LSE is computed: neither needs the
-      // other, so the two latencies overlap instead of adding up.
-      if (active) prefetch_first_batch<WARPS_PER_ROW, Tiles>(o_row, o_stride, split_lane, n);
-      const float lse_log2 = active ? row_lse_log2(lse_row, lse_stride, n, lane) : -INFINITY;
-
-      float4 acc[VECS];
+      for (int k0 = split_lane; k0 < n; k0 += Tiles::SPLITS_PER_BATCH * WARPS_PER_ROW) {
+        float4 x[Tiles::SPLITS_PER_BATCH][VECS];
+        float w[Tiles::SPLITS_PER_BATCH];
 #pragma unroll
-      for (int v = 0; v < VECS; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (lse_log2 != -INFINITY) {
-        for (int k0 = split_lane; k0 < n; k0 += Tiles::SPLITS_PER_BATCH * WARPS_PER_ROW) {
-          float4 x[Tiles::SPLITS_PER_BATCH][VECS];
-          float w[Tiles::SPLITS_PER_BATCH];
+        for (int j = 0; j < Tiles::SPLITS_PER_BATCH; ++j) {  // clamp instead of predicating: all loads issue
+          const int k = min(k0 + j * WARPS_PER_ROW, n - 1);
+          w[j] = lse_row[k * lse_stride];
 #pragma unroll
-          for (int j = 0; j < Tiles::SPLITS_PER_BATCH; ++j) {  // clamp instead of predicating: all loads issue
-            const int k = min(k0 + j * WARPS_PER_ROW, n - 1);
-            w[j] = lse_row[k * lse_stride];
-#pragma unroll
-            for (int v = 0; v < VECS; ++v) {
-              x[j][v] = *reinterpret_cast<const float4*>(o_row + k * o_stride + v * COLS_PER_VEC);
-            }
-          }
-#pragma unroll
-          for (int j = 0; j < Tiles::SPLITS_PER_BATCH; ++j) {
-            if (k0 + j * WARPS_PER_ROW >= n) continue;
-            const float weight = exp2f(w[j] - lse_log2);
-#pragma unroll
-            for (int v = 0; v < VECS; ++v) fma4(acc[v], weight, x[j][v]);
+          for (int v = 0; v < VECS; ++v) {
+            x[j][v] = *reinterpret_cast<const float4*>(o_row + k * o_stride + v * COLS_PER_VEC);
           }
         }
-      }
-
-      if constexpr (WARPS_PER_ROW > 1) {
 #pragma unroll
-        for (int v = 0; v < VECS; ++v) partial_sum[warp][v][lane] = acc[v];
-        __syncthreads();
-        if (split_lane == 0) {
+        for (int j = 0; j < Tiles::SPLITS_PER_BATCH; ++j) {
+          if (k0 + j * WARPS_PER_ROW >= n) continue;
+          const float weight = exp2f(w[j] - lse_log2);
 #pragma unroll
-          for (int other = 1; other < WARPS_PER_ROW; ++other) {
-#pragma unroll
-            for (int v = 0; v < VECS; ++v) fma4(acc[v], 1.f, partial_sum[warp + other][v][lane]);
-          }
+          for (int v = 0; v < VECS; ++v) fma4(acc[v], weight, x[j][v]);
         }
-        __syncthreads();  // partial_sum is reused by the next request of this CTA
       }
-      if (!active || split_lane != 0) continue;
+    }
 
-      const int i = row / params.h_q, h = row % params.h_q;
-      Element* dst = static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
-                     h * params.stride_o_h + col;
+    if constexpr (WARPS_PER_ROW > 1) {
 #pragma unroll
-      for (int v = 0; v < VECS; ++v) {
-        const Element packed[4] = {from_float<Element>(acc[v].x), from_float<Element>(acc[v].y),
-                                   from_float<Element>(acc[v].z), from_float<Element>(acc[v].w)};
-        *reinterpret_cast<uint2*>(dst + v * COLS_PER_VEC) = *reinterpret_cast<const uint2*>(packed);
+      for (int v = 0; v < VECS; ++v) partial_sum[warp][v][lane] = acc[v];
+      __syncthreads();
+      if (split_lane == 0) {
+#pragma unroll
+        for (int w = 1; w < WARPS_PER_ROW; ++w) {
+#pragma unroll
+          for (int v = 0; v < VECS; ++v) fma4(acc[v], 1.f, partial_sum[warp + w][v][lane]);
+        }
       }
-      if (lane == 0 && blockIdx.z == 0) {
-        params.lse[req * params.stride_lse_b + h * params.stride_lse_h + i] =
-            lse_log2 != -INFINITY ? lse_log2 * LN2 : INFINITY;
-      }
+      __syncthreads();  // partial_sum is reused by the next request of this CTA
+    }
+    if (!active || split_lane != 0) continue;
+
+    const int i = row / params.h_q, h = row % params.h_q;
+    Element* dst = static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
+                   h * params.stride_o_h + col;
+#pragma unroll
+    for (int v = 0; v < VECS; ++v) {
+      const Element packed[4] = {from_float<Element>(acc[v].x), from_float<Element>(acc[v].y),
+                                 from_float<Element>(acc[v].z), from_float<Element>(acc[v].w)};
+      *reinterpret_cast<uint2*>(dst + v * COLS_PER_VEC) = *reinterpret_cast<const uint2*>(packed);
+    }
+    if (lane == 0 && blockIdx.z == 0) {
+      params.lse[req * params.stride_lse_b + h * params.stride_lse_h + i] =
+          lse_log2 != -INFINITY ? lse_log2 * LN2 : INFINITY;
     }
   }
 }
