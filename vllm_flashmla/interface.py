@@ -144,7 +144,7 @@ def flash_mla_with_kvcache(
         tile_scheduler_metadata, num_splits: from get_mla_metadata for this step's cache_seqlens and s_q * h_q.
         softmax_scale: defaults to 576 ** -0.5.
         causal: with s_q > 1, query t of a request sees its first seqlen - (s_q - 1 - t) keys.
-        out: optional preallocated contiguous [b, s_q, h_q, 512] output of q's dtype.
+        out: optional preallocated contiguous [b, s_q, h_q, 512] output of q's dtype, 16-byte aligned.
         check_seqlens: verify cache_seqlens fit block_table (one host sync; skipped during graph capture).
 
     Returns:
