@@ -24,7 +24,7 @@ namespace {
 
 // Messages with values in them are assembled here and reach TORCH_CHECK as one std::string. Given
 // several pieces, TORCH_CHECK formats them itself through c10::str's std::ostringstream, and with
-// this file built by GCC 13 (the H100 host's compiler) that formatting crashed the process with a
+// this file built by GCC 13 (the H200 device host's compiler) that formatting crashed the process with a
 // segfault instead of raising the error (a check with only a literal, or with one prebuilt string,
 // raised as it should).
 inline std::string text(const char* s) { return s; }
@@ -48,7 +48,8 @@ void check_cuda(cudaError_t err, const char* what) {
 }
 
 void check_int32_cuda(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  FLASHMLA_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
+  FLASHMLA_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(), ", got ",
+                 t.device());
   FLASHMLA_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
 }
 
@@ -64,10 +65,10 @@ void get_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_sm_parts, int
   const int64_t b = cache_seqlens.size(0);
   TORCH_CHECK(num_sm_parts >= 1, "num_sm_parts must be >= 1");
   FLASHMLA_CHECK(num_q_rows >= 1 && num_q_rows <= INT32_MAX, "num_q_rows (s_q * h_q) must be a positive int32, got ",
-              num_q_rows);
+                 num_q_rows);
   FLASHMLA_CHECK(records.is_contiguous() && records.dim() == 2 && records.size(0) == num_sm_parts &&
-                  records.size(1) == SCHED_RECORD_INTS,
-              "records must be a contiguous [num_sm_parts, ", SCHED_RECORD_INTS, "] int32 tensor");
+                     records.size(1) == SCHED_RECORD_INTS,
+                 "records must be a contiguous [num_sm_parts, ", SCHED_RECORD_INTS, "] int32 tensor");
   TORCH_CHECK(num_splits.is_contiguous() && num_splits.numel() == b + 1, "num_splits must be a contiguous [b + 1]");
   if (b == 0) return;
   const c10::cuda::CUDAGuard guard(cache_seqlens.device());
@@ -87,14 +88,14 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& bl
             const at::Tensor& o_accum, const at::Tensor& lse_accum) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor");
   FLASHMLA_CHECK(q.dim() == 4 && q.size(3) == D_QK && q.stride(3) == 1, "q must be [b, s_q, h_q, ", D_QK,
-              "] with a contiguous last dim");
+                 "] with a contiguous last dim");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "q must be bf16 or fp16");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "k_cache and out must have q's dtype");
   TORCH_CHECK(k_cache.is_cuda() && k_cache.device() == q.device(), "k_cache must be on q's device");
   FLASHMLA_CHECK(k_cache.dim() == 4 && k_cache.size(1) == PAGE_SIZE && k_cache.size(2) == H_KV &&
-                  k_cache.size(3) == D_QK && k_cache.stride(3) == 1,
-              "k_cache must be [num_pages, ", PAGE_SIZE, ", ", H_KV, ", ", D_QK, "] with a contiguous last dim");
+                     k_cache.size(3) == D_QK && k_cache.stride(3) == 1,
+                 "k_cache must be [num_pages, ", PAGE_SIZE, ", ", H_KV, ", ", D_QK, "] with a contiguous last dim");
   for (const at::Tensor* t : {&block_table, &cache_seqlens, &records, &num_splits}) check_int32_cuda(*t, "index tensor", q);
   TORCH_CHECK(out.is_cuda() && out.device() == q.device() && out.is_contiguous() && aligned16(out),
               "out must be contiguous and 16-byte aligned on q's device");
