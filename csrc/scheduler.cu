@@ -165,19 +165,18 @@ __device__ void plan_budget(const SchedParams& params, const int32_t* pages, int
 __global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_constant__ SchedParams params) {
   extern __shared__ int32_t pages[];  // [b]: pages per request
   const int lane = threadIdx.x;
-  int total = 0, total_pages = 0, longest = 0;
+  int total_pages = 0, longest = 0;
   for (int req = lane; req < params.b; req += SCHED_THREADS) {
     pages[req] = num_pages_of(params.cache_seqlens[req]);
-    total += pages[req] + FIXED_OVERHEAD_PAGES;
     total_pages += pages[req];
     longest = max(longest, pages[req]);
   }
-  total = warp_sum(total);
   total_pages = warp_sum(total_pages);
   longest = warp_max(longest);
   __syncwarp();  // pages[] is complete for every lane
 
-  const int budget = (total + params.num_sm_parts - 1) / params.num_sm_parts + FIXED_OVERHEAD_PAGES;
+  const int total_cost = total_pages + params.b * FIXED_OVERHEAD_PAGES;
+  const int budget = (total_cost + params.num_sm_parts - 1) / params.num_sm_parts + FIXED_OVERHEAD_PAGES;
   // Warp-uniform: every lane computes the same pieces.
   const int fit = params.b <= params.num_sm_parts ? smallest_piece(pages, params.b, params.num_sm_parts, longest, lane)
                                                   : INT_MAX;

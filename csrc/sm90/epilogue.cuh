@@ -31,6 +31,13 @@ struct Epilogue {
     total[1] = smem.row_sum[0][r0 + 8] + smem.row_sum[1][r0 + 8];
   }
 
+  // Row `row` (packed s_q index * h_q + head) of request req's final output.
+  __device__ __forceinline__ static Element* output_row(const DecodeParams& params, int req, int row) {
+    const int i = row / params.h_q, h = row % params.h_q;
+    return static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
+           h * params.stride_o_h;
+  }
+
   // The final output of a request this CTA covered alone, for tiles of more than DIRECT_OUTPUT_MAX_ROWS
   // rows. The fragments are scattered 4-byte pieces (a quad holds 16 bytes of a row, half a 32-byte
   // sector), and stored to global memory directly they took 6.7 us for a 64-row tile (perf notes
@@ -70,9 +77,7 @@ struct Epilogue {
       const int r = idx / CHUNKS_PER_ROW, chunk = idx % CHUNKS_PER_ROW;
       const int row = m_block * Config::BLOCK_M + r;
       if (row >= params.num_q_rows) break;  // rows only grow with idx
-      const int i = row / params.h_q, h = row % params.h_q;
-      Element* dst = static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
-                     h * params.stride_o_h + chunk * CHUNK_ELEMS;
+      Element* dst = output_row(params, req, row) + chunk * CHUNK_ELEMS;
       *reinterpret_cast<uint4*>(dst) =
           *reinterpret_cast<const uint4*>(tile + r * ROW_BYTES + ((chunk ^ (r % 8)) << 4));
     }
@@ -108,10 +113,8 @@ struct Epilogue {
         if (wg == 0 && lane % 4 == 0) params.lse_accum[int64_t(slot) * params.num_q_rows + row] = lse_log2;
         continue;
       }
-      const int i = row / params.h_q, h = row % params.h_q;
       if (!staged) {
-        Element* dst = static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
-                       h * params.stride_o_h + col0;
+        Element* dst = output_row(params, req, row) + col0;
 #pragma unroll
         for (int j = 0; j < Config::O_FRAG / 4; ++j) {
           *reinterpret_cast<uint32_t*>(dst + 8 * j) =
@@ -119,6 +122,7 @@ struct Epilogue {
         }
       }
       if (wg == 0 && lane % 4 == 0) {
+        const int i = row / params.h_q, h = row % params.h_q;
         params.lse[req * params.stride_lse_b + h * params.stride_lse_h + i] =
             total[half] > 0.f ? lse_log2 * LN2 : INFINITY;
       }
