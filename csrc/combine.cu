@@ -43,7 +43,6 @@ template <int COL_SLICES_, int SPLITS_PER_BATCH_> struct Tiling {
 };
 using QuarterRows = Tiling<4, 8>;  // 8 loads in flight per lane
 using WholeRows = Tiling<1, 4>;    // 16 loads in flight per lane
-constexpr float LN2 = 0.69314718055994530942f;
 
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
@@ -137,8 +136,7 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
     if (!active || split_lane != 0) continue;
 
     const int i = row / params.h_q, h = row % params.h_q;
-    Element* dst = static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
-                   h * params.stride_o_h + col;
+    Element* dst = output_row<Element>(params, req, row) + col;
 #pragma unroll
     for (int v = 0; v < VECS; ++v) {
       const Element packed[4] = {from_float<Element>(acc[v].x), from_float<Element>(acc[v].y),

@@ -9,6 +9,8 @@ constexpr int D_ROPE = 64;             // decoupled RoPE key width
 constexpr int D_QK = D_V + D_ROPE;     // 576: query/key width
 constexpr int PAGE_SIZE = 64;          // tokens per KV page
 constexpr int H_KV = 1;                // MLA shares one latent KV head across all query heads
+// ln 2: the kernels keep LSEs in the log2 domain; the API reports natural logs (lse_log2 * LN2).
+constexpr float LN2 = 0.69314718055994530942f;
 
 static_assert(D_QK == 576 && D_V == 512, "the kernels are specialised for DeepSeek's 512+64 latent layout");
 

@@ -53,4 +53,12 @@ struct CombineParams {
   int num_sms;       // SMs of the device
 };
 
+// Row `row` (packed s_q index * h_q + head) of request req in out [b, s_q, h_q, D_V], for the decode
+// kernel's epilogue and the combine alike (DecodeParams and CombineParams name these fields the same).
+template <typename Element, typename Params>
+VLLM_FLASHMLA_HOST_DEVICE Element* output_row(const Params& params, int req, int row) {
+  const int i = row / params.h_q, h = row % params.h_q;
+  return static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s + h * params.stride_o_h;
+}
+
 }  // namespace vllm_flashmla

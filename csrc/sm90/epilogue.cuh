@@ -14,7 +14,6 @@ template <typename Config>
 struct Epilogue {
   using Element = typename Config::Element;
   using Smem = SharedStorage<Config>;
-  static constexpr float LN2 = 0.69314718055994530942f;
 
   // Row sums of both warpgroups, added in a fixed order so both see the same bits.
   __device__ static void total_row_sum(Smem& smem, const OnlineSoftmax<Config>& softmax, int wg, int wg_tid,
@@ -29,13 +28,6 @@ struct Epilogue {
     named_barrier_sync(NamedBarrier::RowSum, Config::NUM_MMA_THREADS);
     total[0] = smem.row_sum[0][r0] + smem.row_sum[1][r0];
     total[1] = smem.row_sum[0][r0 + 8] + smem.row_sum[1][r0 + 8];
-  }
-
-  // Row `row` (packed s_q index * h_q + head) of request req's final output.
-  __device__ __forceinline__ static Element* output_row(const DecodeParams& params, int req, int row) {
-    const int i = row / params.h_q, h = row % params.h_q;
-    return static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s +
-           h * params.stride_o_h;
   }
 
   // The final output of a request this CTA covered alone, for tiles of more than DIRECT_OUTPUT_MAX_ROWS
@@ -77,7 +69,7 @@ struct Epilogue {
       const int r = idx / CHUNKS_PER_ROW, chunk = idx % CHUNKS_PER_ROW;
       const int row = m_block * Config::BLOCK_M + r;
       if (row >= params.num_q_rows) break;  // rows only grow with idx
-      Element* dst = output_row(params, req, row) + chunk * CHUNK_ELEMS;
+      Element* dst = output_row<Element>(params, req, row) + chunk * CHUNK_ELEMS;
       *reinterpret_cast<uint4*>(dst) =
           *reinterpret_cast<const uint4*>(tile + r * ROW_BYTES + ((chunk ^ (r % 8)) << 4));
     }
@@ -114,7 +106,7 @@ struct Epilogue {
         continue;
       }
       if (!staged) {
-        Element* dst = output_row(params, req, row) + col0;
+        Element* dst = output_row<Element>(params, req, row) + col0;
 #pragma unroll
         for (int j = 0; j < Config::O_FRAG / 4; ++j) {
           *reinterpret_cast<uint32_t*>(dst + 8 * j) =
