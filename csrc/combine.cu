@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "api.h"
 #include "config.h"
@@ -26,7 +27,8 @@ namespace {
 //    each (b = 1: 33-132) uses 8 warps per row, so a row's splits load in one or two rounds; otherwise
 //    there are enough rows to keep loads in flight with 1 (8 warps per row measured slower at
 //    b = 4, h_q = 128 and at b = 16, h_q = 16 on H100);
-//  * each warp issues SPLITS_PER_BATCH splits' loads (VECS float4 each) before it uses any of them.
+//  * each warp issues SPLITS_PER_BATCH splits' loads (VECS float4 each) before it uses any of them,
+//    and where the grid is small it issues its first batch before it computes the row's LSE.
 // The grid covers min(b, num_sm_parts) request slots: at most num_sm_parts requests can be split, so
 // a large batch does not launch a CTA per (request, row) just to find most requests unsplit.
 constexpr int COLS_PER_VEC = 32 * 4;  // one float4 per lane of a warp
@@ -70,7 +72,24 @@ __device__ __forceinline__ float row_lse_log2(const float* lse_row, int64_t stri
   return max_lse + log2f(sum);
 }
 
-template <typename Element, int WARPS_PER_ROW, typename Tiles>
+// A warp's batch of splits k0, k0 + WARPS_PER_ROW, ...: their LSEs and VECS float4 of their partials.
+// Clamped instead of predicated, so that all loads issue.
+template <int WARPS_PER_ROW, typename Tiles>
+__device__ __forceinline__ void load_batch(const float* lse_row, int64_t lse_stride, const float* o_row,
+                                           int64_t o_stride, int k0, int n, float (&w)[Tiles::SPLITS_PER_BATCH],
+                                           float4 (&x)[Tiles::SPLITS_PER_BATCH][Tiles::VECS]) {
+#pragma unroll
+  for (int j = 0; j < Tiles::SPLITS_PER_BATCH; ++j) {
+    const int k = min(k0 + j * WARPS_PER_ROW, n - 1);
+    w[j] = lse_row[k * lse_stride];
+#pragma unroll
+    for (int v = 0; v < Tiles::VECS; ++v) {
+      x[j][v] = *reinterpret_cast<const float4*>(o_row + k * o_stride + v * COLS_PER_VEC);
+    }
+  }
+}
+
+template <typename Element, int WARPS_PER_ROW, typename Tiles, bool HOIST_FIRST_BATCH>
 __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_constant__ CombineParams params) {
   constexpr int ROWS_PER_CTA = WARPS_PER_CTA / WARPS_PER_ROW;
   constexpr int VECS = Tiles::VECS;
@@ -91,24 +110,22 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
     // Rows past the end still take part in the block-wide barrier below, with nothing to load.
     const bool active = row < params.num_q_rows;
     const float* lse_row = params.lse_accum + int64_t(first) * lse_stride + row;
+    const float* o_row = params.o_accum + (int64_t(first) * params.num_q_rows + row) * D_V + col;
+    float4 x[Tiles::SPLITS_PER_BATCH][VECS];
+    float w[Tiles::SPLITS_PER_BATCH];
+    // Hoisted, the first batch's loads are in flight while the row's LSE is computed.
+    if (HOIST_FIRST_BATCH && active) {
+      load_batch<WARPS_PER_ROW, Tiles>(lse_row, lse_stride, o_row, o_stride, split_lane, n, w, x);
+    }
     const float lse_log2 = active ? row_lse_log2(lse_row, lse_stride, n, lane) : -INFINITY;
 
     float4 acc[VECS];
 #pragma unroll
     for (int v = 0; v < VECS; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (lse_log2 != -INFINITY) {
-      const float* o_row = params.o_accum + (int64_t(first) * params.num_q_rows + row) * D_V + col;
       for (int k0 = split_lane; k0 < n; k0 += Tiles::SPLITS_PER_BATCH * WARPS_PER_ROW) {
-        float4 x[Tiles::SPLITS_PER_BATCH][VECS];
-        float w[Tiles::SPLITS_PER_BATCH];
-#pragma unroll
-        for (int j = 0; j < Tiles::SPLITS_PER_BATCH; ++j) {  // clamp instead of predicating: all loads issue
-          const int k = min(k0 + j * WARPS_PER_ROW, n - 1);
-          w[j] = lse_row[k * lse_stride];
-#pragma unroll
-          for (int v = 0; v < VECS; ++v) {
-            x[j][v] = *reinterpret_cast<const float4*>(o_row + k * o_stride + v * COLS_PER_VEC);
-          }
+        if (!HOIST_FIRST_BATCH || k0 != split_lane) {
+          load_batch<WARPS_PER_ROW, Tiles>(lse_row, lse_stride, o_row, o_stride, k0, n, w, x);
         }
 #pragma unroll
         for (int j = 0; j < Tiles::SPLITS_PER_BATCH; ++j) {
@@ -157,10 +174,19 @@ template <int WARPS_PER_ROW, typename Tiles> dim3 combine_grid(const CombinePara
               Tiles::COL_SLICES);
 }
 
+// The hoisted first batch doubles a thread's registers (40 -> 80, perf notes round 10), which halves the
+// CTAs an SM holds; it is used only where the grid has at most one CTA per SM and the occupancy is
+// not needed. Whole rows are taken only when their grid has a CTA for every SM, so they never hoist.
 template <typename Element, int WARPS_PER_ROW, typename Tiles>
 void launch(const CombineParams& params, cudaStream_t stream) {
-  combine_kernel<Element, WARPS_PER_ROW, Tiles>
-      <<<combine_grid<WARPS_PER_ROW, Tiles>(params), COMBINE_THREADS, 0, stream>>>(params);
+  const dim3 grid = combine_grid<WARPS_PER_ROW, Tiles>(params);
+  if constexpr (!std::is_same_v<Tiles, WholeRows>) {
+    if (int64_t(grid.x) * grid.y * grid.z <= params.num_sms) {
+      combine_kernel<Element, WARPS_PER_ROW, Tiles, true><<<grid, COMBINE_THREADS, 0, stream>>>(params);
+      return;
+    }
+  }
+  combine_kernel<Element, WARPS_PER_ROW, Tiles, false><<<grid, COMBINE_THREADS, 0, stream>>>(params);
 }
 
 template <typename Element>
