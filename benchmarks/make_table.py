@@ -101,6 +101,7 @@ def summary_dict(rows: list[dict]) -> dict:
             for s in shapes
         ],
         "shapes_compared": sum(s["speedup"] is not None for s in shapes),
+        "shapes_below_parity": sum(s["speedup"] is not None and s["speedup"] < 1.0 for s in shapes),
         "geomean_speedup": geomean([s["speedup"] for s in shapes]),
         "geomean_speedup_vs": {p: geomean([s["speedup_vs"].get(p) for s in shapes]) for p in peers},
     }
@@ -151,18 +152,20 @@ def markdown(rows: list[dict], header: dict | None = None) -> str:
         cells = [str(sh["b"]), str(sh["s_k"]), str(sh["h_q"]), str(sh["s_q"]), "varlen" if sh["varlen"] else "uniform"]
         cells += [_us_cell(by_impl.get(n)) for n in impls]
         cells += [_fmt(ours and ours.get("gbps"), 0), _fmt(ours and ours.get("tflops"), 1)]
-        cells += [s["best_peer"] or "—", "—" if s["speedup"] is None else f"{s['speedup']:.2f}×"]
+        cells += [s["best_peer"] or "—", "—" if s["speedup"] is None else f"{s['speedup']:.3f}×"]
         lines.append("| " + " | ".join(cells) + " |")
 
     summary = summary_dict(rows)
     g = summary["geomean_speedup"]
     blank = [""] * (len(cols) - 2)
-    lines.append("| " + " | ".join(["**geomean**", *blank, "**—**" if g is None else f"**{g:.2f}×**"]) + " |")
+    lines.append("| " + " | ".join(["**geomean**", *blank, "**—**" if g is None else f"**{g:.3f}×**"]) + " |")
     lines.append("")
-    vs = ", ".join(f"vs {p} {v:.2f}×" for p, v in summary["geomean_speedup_vs"].items() if v is not None)
+    vs = ", ".join(f"vs {p} {v:.3f}×" for p, v in summary["geomean_speedup_vs"].items() if v is not None)
+    speedups = [s["speedup"] for s in shapes if s["speedup"] is not None]
+    below = f"; {summary['shapes_below_parity']} below 1.000×" + (f" (lowest {min(speedups):.3f}×)" if speedups else "")
     lines.append(
-        f"Speedup = {SPEEDUP_DEFINITION}. Geomean over {summary['shapes_compared']} shapes"
-        + (f" ({vs})." if vs else ".")
+        f"Speedup = {SPEEDUP_DEFINITION}, three decimals so that a shape just below parity shows as one. "
+        f"Geomean over {summary['shapes_compared']} shapes" + (f" ({vs})" if vs else "") + below + "."
     )
     problems = [r for r in rows if r.get("error") and not r["error"].startswith("unavailable")]
     unavailable = {r["impl"]: r["error"] for r in rows if r.get("error", "") and r["error"].startswith("unavailable")}

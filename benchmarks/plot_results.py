@@ -63,7 +63,7 @@ def plot(doc: dict, out_path: str, title: str | None) -> None:
     ax_ratio.axhline(1.0, color="black", linewidth=0.8)
     geo = make_table.geomean(ys)
     if geo is not None:
-        ax_ratio.axhline(geo, color="#555555", linestyle="--", linewidth=1, label=f"geomean {geo:.2f}×")
+        ax_ratio.axhline(geo, color="#555555", linestyle="--", linewidth=1, label=f"geomean {geo:.3f}×")
         ax_ratio.legend(loc="upper left")
     ax_ratio.set_ylabel("ours speedup vs best peer")
     ax_ratio.grid(axis="y", alpha=0.3)
