@@ -17,7 +17,7 @@ struct SchedParams {
 };
 
 struct DecodeParams {
-  const void* q;                  // [b, s_q, h_q, D_QK], last dim contiguous
+  const void* q;                  // [b, s_q, h_q, D_QK], last dim contiguous, (s_q, h_q) rows uniformly strided
   const int32_t* block_table;     // [b, max_pages]
   const int32_t* cache_seqlens;   // [b]
   const SchedRecord* records;     // [num_sm_parts]

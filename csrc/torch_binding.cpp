@@ -115,8 +115,13 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& bl
   if (b == 0) return;
 
   const c10::cuda::CUDAGuard guard(q.device());
+  // The kernel loads Q as tiles of 64 packed (s_q, h_q) rows by TMA, which takes one stride between
+  // rows. A q whose s_q stride is not h_q times its head stride (a strided view into a larger buffer)
+  // is copied into that layout first, on the same stream.
+  const bool uniform_rows = s_q == 1 || h_q == 1 || q.stride(1) == h_q * q.stride(2);
+  const at::Tensor q_rows = uniform_rows ? q : q.contiguous();
   DecodeParams params{};
-  params.q = q.data_ptr();
+  params.q = q_rows.data_ptr();
   params.block_table = block_table.data_ptr<int32_t>();
   params.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   params.records = reinterpret_cast<const SchedRecord*>(records.data_ptr<int32_t>());
@@ -125,9 +130,9 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& bl
   params.lse = lse.data_ptr<float>();
   params.o_accum = o_accum.data_ptr<float>();
   params.lse_accum = lse_accum.data_ptr<float>();
-  params.stride_q_b = q.stride(0);
-  params.stride_q_s = q.stride(1);
-  params.stride_q_h = q.stride(2);
+  params.stride_q_b = q_rows.stride(0);
+  params.stride_q_s = q_rows.stride(1);
+  params.stride_q_h = q_rows.stride(2);
   params.stride_bt_b = block_table.stride(0);
   params.stride_o_b = out.stride(0);
   params.stride_o_s = out.stride(1);

@@ -7,6 +7,7 @@ Also a script: `python tests/test_flash_mla.py` prints correctness and speed per
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -82,6 +83,29 @@ def test_deterministic():
     out1, lse1 = run_ours(p)
     out2, lse2 = run_ours(p)
     assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+
+
+# q as a view into a larger NaN-filled buffer. The kernel loads Q by TMA with one stride between the
+# packed (s_q, h_q) rows: uniformly strided views are loaded in place (rows wider than 576, a gap
+# between requests), the others are first copied into that layout by the binding (spare heads).
+Q_VIEWS = {
+    "wide_rows": lambda q: (q.shape[0], q.shape[1], q.shape[2], 640),
+    "request_gap": lambda q: (q.shape[0], q.shape[1] + 1, q.shape[2], 576),
+    "spare_heads": lambda q: (q.shape[0], q.shape[1], q.shape[2] + 8, 576),
+}
+
+
+@pytest.mark.parametrize("view", sorted(Q_VIEWS))
+def test_q_views_into_larger_buffers(view):
+    b, s_q, h_q, dtype = 6, 2, 16, torch.bfloat16
+    p = make_problem(b, s_q, h_q, [0, 1, 700, 64, 4097, 300], dtype, True, 11)
+    big = torch.full(Q_VIEWS[view](p.q), float("nan"), dtype=dtype, device="cuda")
+    q = big[:b, :s_q, :h_q, :576]
+    q.copy_(p.q)
+    assert not q.is_contiguous()
+    out, lse = run_ours(dataclasses.replace(p, q=q))
+    ref_out, ref_lse = mla_decode_reference(p.q, p.k_cache, p.block_table, p.cache_seqlens, causal=True)
+    compare(out, lse, ref_out, ref_lse, dtype)
 
 
 def test_cuda_graph_replay_with_changing_seqlens():

@@ -8,7 +8,9 @@
 //                             every page:       O[:,   0:256] += P V[:,   0:256]
 //   warps 4-7  (warpgroup 1)  pages in stage 1: S = Q K^T over all 64 keys, online softmax, P
 //                             every page:       O[:, 256:512] += P V[:, 256:512]
-//   warps 8-11 (producer)     one thread issues TMA loads of the next pages into the ring
+//   warps 8-11 (producer)     one thread issues TMA loads of the next pages into the ring, another
+//                             those of each request's Q tile once both MMA warpgroups are done with
+//                             the previous one (their last QK^T, or the output tile staged over Q)
 //
 // The owner of a page publishes P (written over the page's RoPE box, which QK^T no longer needs) and
 // the new row maxima; the other warpgroup rescales its half of O and adds P V. While one warpgroup runs
@@ -36,6 +38,7 @@ struct DecodeConfig {
   static constexpr int NUM_V_BOXES = D_V / BOX_COLS;                      // the first 8 of them are V
   static constexpr int TILE_BOX_BYTES = BLOCK_M * SWIZZLE_BYTES;          // one 64-row box
   static constexpr int PAGE_BYTES = NUM_QK_BOXES * BLOCK_N * SWIZZLE_BYTES;
+  static constexpr int Q_BYTES = NUM_QK_BOXES * TILE_BOX_BYTES;
   static constexpr int NUM_STAGES = 2;
 
   static constexpr int NUM_MMA_WARPGROUPS = 2;
@@ -47,8 +50,19 @@ struct DecodeConfig {
   static constexpr int NUM_PRODUCER_THREADS = WARPGROUP_THREADS;
   static constexpr int NUM_THREADS = NUM_MMA_THREADS + NUM_PRODUCER_THREADS;
   static constexpr int PRODUCER_REGS = 24;
+  // A second producer thread loads each request's Q tile by TMA as soon as both MMA warpgroups are done
+  // with the previous one, so it lands under their last PV and epilogue. When the MMA threads loaded Q
+  // themselves, a request piece cost 5-7 pages of time, ~5 us of it from the end of one epilogue to the
+  // next Q in shared memory (perf notes round 13).
+  static constexpr int KV_PRODUCER_WARP = 0;  // of the producer warpgroup; lane 0 issues the KV pages
+  static constexpr int Q_PRODUCER_WARP = 1;   // lane 0 issues the Q tiles
   static constexpr int MMA_REGS = 240;
   static constexpr int REGISTER_FILE = 64 * 1024;
+  // Every warp starts at the kernel's register count: the file split evenly over the CTA's threads, in
+  // allocation units of 8 per thread (168 here, what ptxas reports). setmaxnreg only moves registers
+  // between warpgroups through the CTA's pool, so a budget above that would leave the MMA warpgroups'
+  // setmaxnreg.inc waiting forever.
+  static constexpr int LAUNCH_REGS = REGISTER_FILE / NUM_THREADS / 8 * 8;
 
   static constexpr int O_COLS_PER_WG = D_V / NUM_MMA_WARPGROUPS;         // 256 value columns per warpgroup
   static constexpr int V_BOXES_PER_WG = O_COLS_PER_WG / BOX_COLS;        // 4
@@ -75,16 +89,19 @@ struct DecodeConfig {
   static_assert(O_COLS_PER_WG <= 256, "wgmma N is at most 256");
   static_assert(0 < QK_HEAD_STEPS && QK_HEAD_STEPS < QK_STEPS, "the QK^T head is a proper part of the K steps");
   static_assert(NUM_MMA_THREADS % 128 == 0, "wgmma needs whole warpgroups");
-  static_assert(PRODUCER_REGS * NUM_PRODUCER_THREADS + MMA_REGS * NUM_MMA_THREADS <= REGISTER_FILE,
-                "setmaxnreg budgets must fit the register file");
+  static_assert(KV_PRODUCER_WARP != Q_PRODUCER_WARP && Q_PRODUCER_WARP < NUM_PRODUCER_THREADS / 32,
+                "the KV and Q producers are lanes of different warps of the producer warpgroup");
+  static_assert(PRODUCER_REGS * NUM_PRODUCER_THREADS + MMA_REGS * NUM_MMA_THREADS <= LAUNCH_REGS * NUM_THREADS,
+                "setmaxnreg budgets must fit the registers the CTA is launched with");
 };
 
 // Named barriers (id 0 is __syncthreads). All are among the NUM_MMA_THREADS consumer threads.
+// Q passes from its producer thread to the MMA warps and back on the q_full / q_empty mbarriers.
 enum class NamedBarrier : uint32_t {
-  QReady = 1,   // Q of a new request is in shared memory
-  RowSum = 2,   // both warpgroups published their row sums
-  Output = 3,   // the output tile is staged in shared memory / has been read back out of it
-  PReady = 4,   // PReady + stage: the owner of the stage's page published P, the row maxima and the
+  RowSum = 1,   // both warpgroups published their row sums (or, before a piece without pages, both
+                // are done reading the previous request's)
+  Output = 2,   // the output tile is staged in shared memory
+  PReady = 3,   // PReady + stage: the owner of the stage's page published P, the row maxima and the
                 // zeroed V tail rows
 };
 

@@ -1,5 +1,5 @@
 // The split-KV MLA decode kernel: one persistent CTA per (64-row query tile, scheduler part).
-// Reads like the algorithm: for each request of the part, load Q, then for each page
+// Reads like the algorithm: for each request of the part, wait for its Q, then for each page
 // S = Q K^T -> online softmax -> O += P V (the two MMA warpgroups take turns at QK^T and softmax,
 // see config.h), then store the output or a partial for combine.cu.
 #pragma once
@@ -82,7 +82,8 @@ __device__ __forceinline__ void rescale(float (&o)[Config::O_FRAG], const float 
 
 template <typename Config>
 __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
-    decode_kernel(const __grid_constant__ DecodeParams params, const __grid_constant__ CUtensorMap tmap_kv) {
+    decode_kernel(const __grid_constant__ DecodeParams params, const __grid_constant__ CUtensorMap tmap_kv,
+                  const __grid_constant__ CUtensorMap tmap_q) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Smem = SharedStorage<Config>;
   using Loop = Mainloop<Config>;
@@ -99,20 +100,32 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
       Mbarrier::init(&smem.kv_full[st], 1);
       Mbarrier::init(&smem.kv_empty[st], Config::NUM_MMA_WARPS);
     }
+    Mbarrier::init(&smem.q_full, 1);
+    Mbarrier::init(&smem.q_empty, Config::NUM_MMA_WARPS);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
 
-  // ---- producer warpgroup: one thread streams every page of the part through the ring ----
+  // ---- producer warpgroup: one thread streams every page of the part through the ring, another
+  // each request's Q tile once the MMA warps have released the previous one ----
   if (tid >= Config::NUM_MMA_THREADS) {
     cutlass::arch::warpgroup_reg_dealloc<Config::PRODUCER_REGS>();
-    if (tid == Config::NUM_MMA_THREADS) {
+    const int producer_tid = tid - Config::NUM_MMA_THREADS;
+    if (producer_tid == 32 * Config::KV_PRODUCER_WARP) {
       cute::prefetch_tma_descriptor(&tmap_kv);
       typename Loop::Pipeline pipe;
       for (int req = rec.begin_req; req <= rec.end_req; ++req) {
         const int num_pages = num_pages_of(params.cache_seqlens[req]);
         Loop::load_pages(smem, &tmap_kv, params.block_table + req * params.stride_bt_b, first_page(rec, req),
                          end_page(rec, req, num_pages), pipe);
+      }
+    } else if (producer_tid == 32 * Config::Q_PRODUCER_WARP) {
+      uint32_t q_phase = 0;
+      cute::prefetch_tma_descriptor(&tmap_q);
+#pragma unroll 1  // unrolled, the copies' addresses of several requests outgrow the 24 registers
+      for (int req = rec.begin_req; req <= rec.end_req; ++req, q_phase ^= 1) {
+        Mbarrier::wait(&smem.q_empty, q_phase ^ 1);  // passes at once for the first request
+        Loop::load_q(smem, &tmap_q, req, m_block);
       }
     }
     return;
@@ -126,15 +139,21 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
   const int wg_tid = tid % Config::WARPGROUP_THREADS;
   const int lane = tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
   typename Loop::Pipeline pipe;
+  uint32_t q_phase = 0;
 
-  for (int req = rec.begin_req; req <= rec.end_req; ++req) {
+  for (int req = rec.begin_req; req <= rec.end_req; ++req, q_phase ^= 1) {
     const int seqlen = params.cache_seqlens[req];
     const int page_end = end_page(rec, req, num_pages_of(seqlen));
     const int visible[2] = {visible_keys(params, seqlen, m_block * Config::BLOCK_M + r0),
                             visible_keys(params, seqlen, m_block * Config::BLOCK_M + r0 + 8)};
     const int masked_from = first_masked_page(params, seqlen, m_block * Config::BLOCK_M);
+    const bool is_split = params.num_splits[req + 1] - params.num_splits[req] > 1;
+    // A staged output tile is written over Q, so Q is released after it; otherwise each warpgroup
+    // releases Q right after its last QK^T, and the next request's Q loads under the rest.
+    const bool staged = Epilogue<Config>::stages_output(params, m_block, is_split);
+    bool holds_q = true;
 
-    Loop::load_q(smem, params, req, m_block, tid);
+    Mbarrier::wait(&smem.q_full, q_phase);
     OnlineSoftmax<Config> softmax(params.scale_log2);
     float o[Config::O_FRAG];
 #pragma unroll
@@ -148,6 +167,9 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
     float s[Config::S_FRAG];
     float o_scale[2];
     int page = first_page(rec, req);
+    // A piece without pages meets no P barrier before its epilogue writes row_sum, which the other
+    // warpgroup may still be reading for the previous request.
+    if (page == page_end) named_barrier_sync(NamedBarrier::RowSum, Config::NUM_MMA_THREADS);
     while (page < page_end) {
       int pv_pending = -1;  // stage of a PV on the other's page not yet known complete
       if (pipe.stage != wg) {
@@ -173,6 +195,10 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
       Loop::release_stage(smem, pv_pending, lane);
       Loop::template issue_qk<Config::QK_HEAD_STEPS, Config::QK_STEPS>(smem, pipe.stage, s);
       Loop::template wait_mma<0>(s);
+      if (!staged && page + Config::NUM_STAGES >= page_end) {  // this warpgroup's last page of the request
+        Loop::release_q(smem, lane);
+        holds_q = false;
+      }
       const bool moved = own_page(smem, softmax, s, o_scale, page, seqlen, visible, masked_from, pipe.stage, wg_tid);
       rescale<Config>(o, o_scale, moved);
       Loop::issue_pv(smem, pipe.stage, wg, o);
@@ -182,9 +208,13 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
       ++page;
     }
 
-    const bool is_split = params.num_splits[req + 1] - params.num_splits[req] > 1;
-    Epilogue<Config>::store(smem, params, softmax, o, req, m_block, is_split,
+    if (holds_q && !staged) Loop::release_q(smem, lane);  // it owned no page of this piece
+    Epilogue<Config>::store(smem, params, softmax, o, req, m_block, is_split, staged,
                             partial_slot(rec, req, params.num_splits), wg, wg_tid);
+    if (staged) {
+      fence_view_async_shared();  // the tile's generic-proxy writes and reads before TMA's writes of Q
+      Loop::release_q(smem, lane);
+    }
   }
 #endif
 }

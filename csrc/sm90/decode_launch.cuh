@@ -1,5 +1,5 @@
-// Host side of the decode kernel: the TMA descriptor of the paged KV cache, the smem attribute and
-// the launch. Included once per element type by decode_<type>.cu.
+// Host side of the decode kernel: the TMA descriptors of the paged KV cache and of Q, the smem
+// attribute and the launch. Included once per element type by decode_<type>.cu.
 #pragma once
 
 #include <cuda.h>
@@ -28,6 +28,12 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encode;
 }
 
+template <typename Config>
+constexpr CUtensorMapDataType tensor_map_dtype() {
+  return std::is_same_v<typename Config::Element, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+}
+
 // The cache as a 3-D tensor [num_pages][PAGE_SIZE][D_QK] (innermost first below), loaded as boxes of
 // [1 page][64 keys][64 columns] with 128-byte swizzling, the layout the wgmma descriptors expect.
 template <typename Config>
@@ -40,12 +46,28 @@ cudaError_t make_kv_tensor_map(CUtensorMap* map, const void* k_cache, int64_t nu
   const cuuint64_t strides[2] = {cuuint64_t(stride_kv_token * ELEM), cuuint64_t(stride_kv_page * ELEM)};
   const cuuint32_t box[3] = {cuuint32_t(Config::BOX_COLS), cuuint32_t(Config::BLOCK_N), 1};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
-  constexpr CUtensorMapDataType DTYPE = std::is_same_v<typename Config::Element, cutlass::bfloat16_t>
-                                            ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                            : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const CUresult res = encode(map, DTYPE, 3,
+  const CUresult res = encode(map, tensor_map_dtype<Config>(), 3,
                               const_cast<void*>(k_cache), dims, strides, box, elem_strides,
                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// Q as a 3-D tensor [b][num_q_rows][D_QK], its (s_q, h_q) rows uniformly strided (the binding makes
+// sure), loaded as boxes of [1 request][64 rows][64 columns]. Rows past num_q_rows are outside the
+// tensor, so a tile's padding rows arrive as zeros.
+template <typename Config>
+cudaError_t make_q_tensor_map(CUtensorMap* map, const DecodeParams& params) {
+  auto encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorSymbolNotFound;
+  constexpr int ELEM = int(sizeof(typename Config::Element));
+  const int64_t stride_row = params.h_q > 1 ? params.stride_q_h : params.stride_q_s;
+  const cuuint64_t dims[3] = {cuuint64_t(D_QK), cuuint64_t(params.num_q_rows), cuuint64_t(params.b)};
+  const cuuint64_t strides[2] = {cuuint64_t(stride_row * ELEM), cuuint64_t(params.stride_q_b * ELEM)};
+  const cuuint32_t box[3] = {cuuint32_t(Config::BOX_COLS), cuuint32_t(Config::BLOCK_M), 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult res = encode(map, tensor_map_dtype<Config>(), 3, const_cast<void*>(params.q), dims, strides, box,
+                              elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
@@ -60,13 +82,16 @@ cudaError_t launch_decode(const DecodeParams& params, const void* k_cache, int64
   CUtensorMap tmap_kv;
   cudaError_t err = make_kv_tensor_map<Config>(&tmap_kv, k_cache, num_pages, stride_kv_page, stride_kv_token);
   if (err != cudaSuccess) return err;
+  CUtensorMap tmap_q;
+  err = make_q_tensor_map<Config>(&tmap_q, params);
+  if (err != cudaSuccess) return err;
 
   auto kernel = &decode_kernel<Config>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
   if (err != cudaSuccess) return err;
   const int num_m_blocks = (params.num_q_rows + Config::BLOCK_M - 1) / Config::BLOCK_M;
   const dim3 grid(num_m_blocks, params.num_sm_parts);
-  kernel<<<grid, Config::NUM_THREADS, SMEM_BYTES, stream>>>(params, tmap_kv);
+  kernel<<<grid, Config::NUM_THREADS, SMEM_BYTES, stream>>>(params, tmap_kv, tmap_q);
   return cudaGetLastError();
 }
 

@@ -31,8 +31,8 @@ struct Epilogue {
   }
 
   // The final output of a request this CTA covered alone, for tiles of more than DIRECT_OUTPUT_MAX_ROWS
-  // rows. The fragments are scattered 4-byte pieces (a quad holds 16 bytes of a row, half a 32-byte
-  // sector), and stored to global memory directly they took 6.7 us for a 64-row tile (perf notes
+  // rows (stages_output). The fragments are scattered 4-byte pieces (a quad holds 16 bytes of a row,
+  // half a 32-byte sector), and stored to global memory directly they took 6.7 us for a 64-row tile (perf notes
   // round 10). So they are staged in shared memory over Q, which no wgmma reads any more (the RowSum
   // barrier before this is past both warpgroups' last QK^T), as [BLOCK_M rows][D_V] with 16-byte
   // chunks XOR-swizzled by row so that both the fragment writes and the row reads are free of bank
@@ -73,22 +73,26 @@ struct Epilogue {
       *reinterpret_cast<uint4*>(dst) =
           *reinterpret_cast<const uint4*>(tile + r * ROW_BYTES + ((chunk ^ (r % 8)) << 4));
     }
-    // The next request's load_q overwrites the tile.
-    named_barrier_sync(NamedBarrier::Output, Config::NUM_MMA_THREADS);
+    // The kernel then releases Q (release_q): the next Q tile's TMA waits for these reads.
+  }
+
+  // Staging pays from 32 rows on; a tile of at most 16 has them all in one warp per warpgroup, whose
+  // direct stores measured faster than staging with its barrier (perf notes round 10). Partials are
+  // always stored from the registers.
+  __device__ __forceinline__ static bool stages_output(const DecodeParams& params, int m_block, bool is_split) {
+    return !is_split && params.num_q_rows - m_block * Config::BLOCK_M > Config::DIRECT_OUTPUT_MAX_ROWS;
   }
 
   __device__ __forceinline__ static void store(Smem& smem, const DecodeParams& params,
                                                const OnlineSoftmax<Config>& softmax, const float (&o)[Config::O_FRAG],
-                                               int req, int m_block, bool is_split, int slot, int wg, int wg_tid) {
+                                               int req, int m_block, bool is_split, bool staged, int slot, int wg,
+                                               int wg_tid) {
     float total[2];
     total_row_sum(smem, softmax, wg, wg_tid, total);
     const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
     const int col0 = wg * Config::O_COLS_PER_WG + 2 * (lane % 4);
     const float inv_sum[2] = {total[0] > 0.f ? 1.f / total[0] : 0.f, total[1] > 0.f ? 1.f / total[1] : 0.f};
 
-    // Staging pays from 32 rows on; a tile of at most 16 has them all in one warp per warpgroup, whose
-    // direct stores measured faster than the staging's two barriers (perf notes round 10).
-    const bool staged = !is_split && params.num_q_rows - m_block * Config::BLOCK_M > Config::DIRECT_OUTPUT_MAX_ROWS;
     if (staged) store_output(smem, params, o, inv_sum, req, m_block, wg, wg_tid);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {

@@ -44,39 +44,22 @@ struct Mainloop {
     }
   }
 
-  // All MMA threads: the tile's Q rows of one request into shared memory, zero rows past s_q * h_q.
-  // Loads are issued all at once before any store so their latencies overlap.
-  __device__ static void load_q(Smem& smem, const DecodeParams& params, int req, int m_block, int tid) {
-    constexpr int CHUNK_ELEMS = 16 / int(sizeof(Element));
-    constexpr int CHUNKS_PER_ROW = D_QK / CHUNK_ELEMS;
-    constexpr int CHUNKS_PER_BOX_ROW = Config::BOX_COLS / CHUNK_ELEMS;
-    constexpr int TOTAL = Config::BLOCK_M * CHUNKS_PER_ROW;
-    static_assert(TOTAL % Config::NUM_MMA_THREADS == 0, "Q chunks split evenly over the MMA threads");
-    constexpr int PER_THREAD = TOTAL / Config::NUM_MMA_THREADS;
+  // Q producer (one thread): the tile's Q rows of one request as 9 TMA boxes of [64 rows, 64 columns]
+  // completing on q_full. Rows past s_q * h_q lie outside the tensor map, and TMA fills them with zeros.
+  __device__ static void load_q(Smem& smem, const CUtensorMap* tmap_q, int req, int m_block) {
+    Mbarrier::arrive_and_expect_tx(&smem.q_full, Config::Q_BYTES);
+#pragma unroll
+    for (int box = 0; box < Config::NUM_QK_BOXES; ++box) {
+      cute::SM90_TMA_LOAD_3D::copy(tmap_q, &smem.q_full, CACHE_HINT_EVICT_NORMAL, smem.q[box], box * Config::BOX_COLS,
+                                   m_block * Config::BLOCK_M, req);
+    }
+  }
 
-    const Element* q_req = static_cast<const Element*>(params.q) + int64_t(req) * params.stride_q_b;
-    uint4 chunk[PER_THREAD];
-#pragma unroll
-    for (int it = 0; it < PER_THREAD; ++it) {
-      const int idx = it * Config::NUM_MMA_THREADS + tid;
-      const int r = idx / CHUNKS_PER_ROW, c = idx % CHUNKS_PER_ROW;
-      const int row = m_block * Config::BLOCK_M + r;
-      chunk[it] = make_uint4(0, 0, 0, 0);
-      if (row < params.num_q_rows) {
-        const int i = row / params.h_q, h = row % params.h_q;
-        chunk[it] = *reinterpret_cast<const uint4*>(q_req + i * params.stride_q_s + h * params.stride_q_h +
-                                                    c * CHUNK_ELEMS);
-      }
-    }
-#pragma unroll
-    for (int it = 0; it < PER_THREAD; ++it) {
-      const int idx = it * Config::NUM_MMA_THREADS + tid;
-      const int r = idx / CHUNKS_PER_ROW, c = idx % CHUNKS_PER_ROW;
-      char* box = reinterpret_cast<char*>(smem.q[c / CHUNKS_PER_BOX_ROW]);
-      *reinterpret_cast<uint4*>(box + swizzle_128b(r, c % CHUNKS_PER_BOX_ROW)) = chunk[it];
-    }
-    fence_view_async_shared();
-    named_barrier_sync(NamedBarrier::QReady, Config::NUM_MMA_THREADS);
+  // Every MMA warp is done with the Q tile: its warpgroup's last QK^T of the request retired, or the
+  // output tile staged over Q was read back (and fenced, since TMA writes next). One arrival per warp.
+  __device__ static void release_q(Smem& smem, int lane) {
+    __syncwarp();
+    if (lane == 0) Mbarrier::arrive(&smem.q_empty);
   }
 
   // The owner warpgroup: issue K steps [FIRST_STEP, END_STEP) of s = Q K^T over all 64 keys of the page

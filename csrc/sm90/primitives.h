@@ -125,5 +125,7 @@ using Mbarrier = cutlass::arch::ClusterTransactionBarrier;
 // L2 policy for KV pages: each page is read by the few CTAs of one request at nearly the same time
 // and never again in this step, so let it leave L2 first.
 constexpr uint64_t CACHE_HINT_EVICT_FIRST = uint64_t(cute::TMA::CacheHintSm90::EVICT_FIRST);
+// Q tiles: every piece of a split request reads the same tile, at different times.
+constexpr uint64_t CACHE_HINT_EVICT_NORMAL = uint64_t(cute::TMA::CacheHintSm90::EVICT_NORMAL);
 
 }  // namespace vllm_flashmla::sm90

@@ -19,6 +19,8 @@ struct SharedStorage {
   float row_sum[Config::NUM_MMA_WARPGROUPS][Config::BLOCK_M];  // per-request sums over each warpgroup's pages
   uint64_t kv_full[Config::NUM_STAGES];    // TMA landed a page (transaction barrier)
   uint64_t kv_empty[Config::NUM_STAGES];   // every MMA warp is done reading the stage
+  uint64_t q_full;    // TMA landed the Q tile of the next request (transaction barrier)
+  uint64_t q_empty;   // every MMA warp is done with the Q tile (and any output staged over it)
 };
 
 // Dynamic shared memory is only guaranteed 16-byte aligned; the kernel aligns the base up to the
