@@ -136,7 +136,8 @@ def flash_mla_with_kvcache(
     """Paged MLA decode attention.
 
     Args:
-        q: [b, s_q, h_q, 576] bf16/fp16, last dim contiguous.
+        q: [b, s_q, h_q, 576] bf16/fp16, last dim contiguous. The kernel reads its (s_q, h_q) rows by TMA with
+            one stride; a q whose s_q stride is not h_q head strides is copied into that layout first.
         k_cache: [num_pages, 64, 1, 576] (or [num_pages, 64, 576]) of q's dtype; V is its first 512 columns.
         block_table: int32 [b, max_pages], page ids of each request in order.
         cache_seqlens: int32 [b], keys per request; 0 gives out = 0 and lse = +inf.
