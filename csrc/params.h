@@ -61,4 +61,12 @@ VLLM_FLASHMLA_HOST_DEVICE Element* output_row(const Params& params, int req, int
   return static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s + h * params.stride_o_h;
 }
 
+// The stride (elements) between q's packed (s_q, h_q) rows, which the decode kernel loads by TMA as one
+// tensor of rows: the head stride, or the s_q stride when there is one head. -1 when the rows are not
+// uniformly strided (s_q > 1, h_q > 1 and an s_q stride other than h_q head strides).
+inline int64_t q_row_stride(int64_t s_q, int64_t h_q, int64_t stride_q_s, int64_t stride_q_h) {
+  if (h_q == 1) return stride_q_s;
+  return s_q == 1 || stride_q_s == h_q * stride_q_h ? stride_q_h : -1;
+}
+
 }  // namespace vllm_flashmla

@@ -118,7 +118,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& bl
   // The kernel loads Q as tiles of 64 packed (s_q, h_q) rows by TMA, which takes one stride between
   // rows. A q whose s_q stride is not h_q times its head stride (a strided view into a larger buffer)
   // is copied into that layout first, on the same stream.
-  const bool uniform_rows = s_q == 1 || h_q == 1 || q.stride(1) == h_q * q.stride(2);
+  const bool uniform_rows = q_row_stride(s_q, h_q, q.stride(1), q.stride(2)) >= 0;
   const at::Tensor q_rows = uniform_rows ? q : q.contiguous();
   DecodeParams params{};
   params.q = q_rows.data_ptr();

@@ -53,15 +53,15 @@ cudaError_t make_kv_tensor_map(CUtensorMap* map, const void* k_cache, int64_t nu
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// Q as a 3-D tensor [b][num_q_rows][D_QK], its (s_q, h_q) rows uniformly strided (the binding makes
-// sure), loaded as boxes of [1 request][64 rows][64 columns]. Rows past num_q_rows are outside the
-// tensor, so a tile's padding rows arrive as zeros.
+// Q as a 3-D tensor [b][num_q_rows][D_QK] with q_row_stride between its rows (the binding copies a q
+// whose rows have none), loaded as boxes of [1 request][64 rows][64 columns]. Rows past num_q_rows are
+// outside the tensor, so a tile's padding rows arrive as zeros.
 template <typename Config>
 cudaError_t make_q_tensor_map(CUtensorMap* map, const DecodeParams& params) {
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return cudaErrorSymbolNotFound;
   constexpr int ELEM = int(sizeof(typename Config::Element));
-  const int64_t stride_row = params.h_q > 1 ? params.stride_q_h : params.stride_q_s;
+  const int64_t stride_row = q_row_stride(params.s_q, params.h_q, params.stride_q_s, params.stride_q_h);
   const cuuint64_t dims[3] = {cuuint64_t(D_QK), cuuint64_t(params.num_q_rows), cuuint64_t(params.b)};
   const cuuint64_t strides[2] = {cuuint64_t(stride_row * ELEM), cuuint64_t(params.stride_q_b * ELEM)};
   const cuuint32_t box[3] = {cuuint32_t(Config::BOX_COLS), cuuint32_t(Config::BLOCK_M), 1};

@@ -47,6 +47,7 @@ struct Mainloop {
   // Q producer (one thread): the tile's Q rows of one request as 9 TMA boxes of [64 rows, 64 columns]
   // completing on q_full. Rows past s_q * h_q lie outside the tensor map, and TMA fills them with zeros.
   __device__ static void load_q(Smem& smem, const CUtensorMap* tmap_q, int req, int m_block) {
+    static_assert(Config::Q_BYTES == int(sizeof(smem.q)), "the boxes fill the Q tile, as q_full expects");
     Mbarrier::arrive_and_expect_tx(&smem.q_full, Config::Q_BYTES);
 #pragma unroll
     for (int box = 0; box < Config::NUM_QK_BOXES; ++box) {
