@@ -2,7 +2,8 @@
 """Calibration sweep of the scheduler's cost model: our decode kernel timed under the plans the
 scheduler would make with other values of FIXED_OVERHEAD_PAGES (csrc/sched_meta.h).
 
-The plans come from the Python model (vllm_flashmla.scheduler.plan_splits with fixed_overhead_pages),
+The plans come from the Python model (vllm_flashmla.scheduler.plan_splits with an overhead, which
+then both chooses the plan and cuts it: the kernel cuts tiles of few rows with FEW_ROWS_OVERHEAD_PAGES),
 so no rebuild is needed; each plan's output is checked against the reference, then all plans of a shape
 are timed in alternation (bench_decode.time_graphs, --target-ms of replays per repetition, median of
 --reps) on bench_decode.py's inputs and KV rotation (copies >= 4x L2). Alternating plans is noisier

@@ -34,10 +34,33 @@ constexpr int SCHED_RECORD_INTS = 8;
 static_assert(sizeof(SchedRecord) == SCHED_RECORD_INTS * sizeof(int32_t), "SchedRecord must stay 32 bytes");
 static_assert(alignof(SchedRecord) == alignof(int32_t), "SchedRecord is read as a plain int32 array");
 
-// Cost model: a request costs its pages plus this many page-equivalents of fixed work (loading Q,
-// the softmax epilogue, writing O and, when split, the fp32 partial and its combine). FlashMLA uses the
-// same value on H800; it keeps short requests from being split into pieces cheaper than their overhead.
+// Cost model: a request piece costs its pages plus this many page-equivalents of fixed work (the
+// softmax epilogue, writing O and, when split, the fp32 partial and its combine; the Q load overlaps
+// the previous piece). FlashMLA uses the same value on H800; it keeps short requests from being split
+// into pieces cheaper than their overhead, and it prices the choice between the scheduler's two plans.
 constexpr int FIXED_OVERHEAD_PAGES = 5;
+
+// A tile of at most FEW_ROWS real query rows ends a piece sooner (its epilogue and its partial are a
+// quarter of a 64-row tile's), so the budget plan cuts such requests with a smaller overhead: varlen
+// b = 128, h_q = 16 steps 0.5-2% faster on the H200 (docs/perf-notes.md, rounds 13 and 14). The choice
+// of plan keeps FIXED_OVERHEAD_PAGES: the budget plan would split every request of a uniform batch of
+// budget-long requests, and its partials and combine cost more than one part per request saves
+// (b = 128, s_k = 16384, 16 rows: 1-2% slower split).
+constexpr int FEW_ROWS = 16;
+constexpr int FEW_ROWS_OVERHEAD_PAGES = 3;
+static_assert(0 < FEW_ROWS_OVERHEAD_PAGES && FEW_ROWS_OVERHEAD_PAGES <= FIXED_OVERHEAD_PAGES,
+              "small tiles cost no more per piece than full ones");
+
+// The overhead by which the budget plan cuts requests of num_q_rows (s_q * h_q) query rows.
+VLLM_FLASHMLA_HOST_DEVICE int cut_overhead_pages(int num_q_rows) {
+  return num_q_rows <= FEW_ROWS ? FEW_ROWS_OVERHEAD_PAGES : FIXED_OVERHEAD_PAGES;
+}
+
+// Cost a part may carry: the average cost per part, every request costing its pages plus `overhead`,
+// plus one overhead more for the request piece a part may have to start mid-request.
+VLLM_FLASHMLA_HOST_DEVICE int budget_of(int total_pages, int b, int num_sm_parts, int overhead) {
+  return (total_pages + b * overhead + num_sm_parts - 1) / num_sm_parts + overhead;
+}
 
 // Cost model of piece length: a piece of a split request leaves an fp32 partial of every query row
 // (D_V * 4 bytes written by the decode kernel, read back by the combine), and this many such rows cost

@@ -1,8 +1,8 @@
 // get_mla_metadata: split every request's pages over `num_sm_parts` parts so that each part carries
-// about the same cost, cost(request piece) = pages + FIXED_OVERHEAD_PAGES. vllm_flashmla/scheduler.py
+// about the same cost, cost(request piece) = pages + overhead (sched_meta.h). vllm_flashmla/scheduler.py
 // is the same algorithm in Python, and the tests compare the two bit for bit: change both together.
 //
-// Two plans, both over budget = ceil(total_cost / num_sm_parts) + FIXED_OVERHEAD_PAGES:
+// Two plans, chosen by budget = ceil(total_cost / num_sm_parts) + FIXED_OVERHEAD_PAGES (budget_of):
 //
 // * Pieces (only with no more requests than parts): cut every request into pieces of at most P
 //   pages, P the smallest length for which all pieces fit in the parts, and give each piece a part of
@@ -16,7 +16,8 @@
 //   split by budget (docs/perf-notes.md, round 4). On H200, b = 32 requests of 16 pages on 66
 //   parts (h_q = 128) take pieces of 8 pages on 64 parts instead of 16 on 32 (round 6).
 // * Budget: parts take contiguous (request, page) runs in request order; a request that does not fit
-//   the rest of a part's budget is cut, and continues in the next part. The extra overhead in the
+//   the rest of a part's budget is cut, and continues in the next part. Budget and cuts use
+//   cut_overhead_pages(num_q_rows), which is smaller for tiles of few rows. The extra overhead in the
 //   budget pays for the one request piece a part may have to start mid-request, so the parts always
 //   cover all work; the last part takes whatever is left regardless, as a guarantee.
 #include <climits>
@@ -122,8 +123,9 @@ __device__ void plan_pieces(const SchedParams& params, const int32_t* pages, int
   for (; part < params.num_sm_parts; ++part) params.records[part] = idle_record(params.b);
 }
 
-// One thread: contiguous (request, page) runs of up to `budget` per part, in request order.
-__device__ void plan_budget(const SchedParams& params, const int32_t* pages, int budget) {
+// One thread: contiguous (request, page) runs of up to `budget` per part, in request order, each
+// request piece costing its pages plus `overhead`.
+__device__ void plan_budget(const SchedParams& params, const int32_t* pages, int budget, int overhead) {
   int req = 0, page = 0;     // next unassigned (request, page)
   int splits_before = 0;     // num_splits[req]: splits of all requests before req
   int pieces_of_req = 0;     // parts that already covered a piece of req
@@ -137,8 +139,8 @@ __device__ void plan_budget(const SchedParams& params, const int32_t* pages, int
       int remaining = part + 1 == params.num_sm_parts ? INT_MAX : budget;
       while (req < params.b) {
         const int left = pages[req] - page;
-        if (left + FIXED_OVERHEAD_PAGES <= remaining) {  // the rest of req fits: finish it here
-          remaining -= left + FIXED_OVERHEAD_PAGES;
+        if (left + overhead <= remaining) {  // the rest of req fits: finish it here
+          remaining -= left + overhead;
           rec.end_req = req;
           rec.end_page = pages[req];
           splits_before += pieces_of_req + 1;
@@ -147,7 +149,7 @@ __device__ void plan_budget(const SchedParams& params, const int32_t* pages, int
           page = 0;
           pieces_of_req = 0;
         } else {  // cut req: take what the budget allows, if anything, and close the part
-          const int take = remaining - FIXED_OVERHEAD_PAGES;
+          const int take = remaining - overhead;
           if (take > 0) {
             rec.end_req = req;
             rec.end_page = page + take;
@@ -175,8 +177,7 @@ __global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_c
   longest = warp_max(longest);
   __syncwarp();  // pages[] is complete for every lane
 
-  const int total_cost = total_pages + params.b * FIXED_OVERHEAD_PAGES;
-  const int budget = (total_cost + params.num_sm_parts - 1) / params.num_sm_parts + FIXED_OVERHEAD_PAGES;
+  const int budget = budget_of(total_pages, params.b, params.num_sm_parts, FIXED_OVERHEAD_PAGES);
   // Warp-uniform: every lane computes the same pieces.
   const int fit = params.b <= params.num_sm_parts ? smallest_piece(pages, params.b, params.num_sm_parts, longest, lane)
                                                   : INT_MAX;
@@ -184,7 +185,8 @@ __global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_c
     const int piece = cheapest_piece(pages, params.b, fit, longest, total_pages, params.num_q_rows, lane);
     if (lane == 0) plan_pieces(params, pages, piece);
   } else if (lane == 0) {
-    plan_budget(params, pages, budget);
+    const int overhead = cut_overhead_pages(params.num_q_rows);
+    plan_budget(params, pages, budget_of(total_pages, params.b, params.num_sm_parts, overhead), overhead);
   }
 }
 

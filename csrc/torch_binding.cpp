@@ -164,6 +164,8 @@ std::vector<int64_t> layout_info() {
           int64_t(offsetof(SchedRecord, end_page)),
           int64_t(offsetof(SchedRecord, begin_slot)),
           FIXED_OVERHEAD_PAGES,
+          FEW_ROWS,
+          FEW_ROWS_OVERHEAD_PAGES,
           PARTIAL_ROWS_PER_PAGE,
           D_QK,
           D_V,

@@ -4,10 +4,17 @@ import random
 
 import pytest
 
-from vllm_flashmla._layout import FIXED_OVERHEAD_PAGES, SCHED_RECORD_INTS, SchedRecord
+from vllm_flashmla._layout import (
+    FEW_ROWS,
+    FEW_ROWS_OVERHEAD_PAGES,
+    FIXED_OVERHEAD_PAGES,
+    SCHED_RECORD_INTS,
+    SchedRecord,
+)
 from vllm_flashmla.scheduler import (
     budget_of,
     cheapest_piece,
+    cut_overhead_pages,
     num_pages_of,
     num_sm_parts_for,
     piece_cost,
@@ -75,24 +82,28 @@ def test_split_slots_are_distinct_and_bounded(seqlens, rows, parts):
     assert len(slots) == len(set(slots))
 
 
-def test_balance_within_one_request_overhead():
+@pytest.mark.parametrize("rows", [FEW_ROWS, FEW_ROWS + 1, 64])
+def test_balance_within_one_request_overhead(rows):
     seqlens = [random.Random(s).randint(1, 30000) for s in range(200)]
     parts = 132
-    plan = plan_splits(seqlens, parts, 16)
+    overhead = cut_overhead_pages(rows)
+    plan = plan_splits(seqlens, parts, rows)
     cost = [0] * parts
     for part, rec in enumerate(plan.records):
         for req in range(rec.begin_req, rec.end_req + 1):
             first = rec.begin_page if req == rec.begin_req else 0
             end = rec.end_page if req == rec.end_req else num_pages_of(seqlens[req])
-            cost[part] += end - first + FIXED_OVERHEAD_PAGES
-    ideal = (sum(map(num_pages_of, seqlens)) + FIXED_OVERHEAD_PAGES * len(seqlens)) / parts
-    assert max(cost) <= ideal + 2 * FIXED_OVERHEAD_PAGES + 1
+            cost[part] += end - first + overhead
+    ideal = (sum(map(num_pages_of, seqlens)) + overhead * len(seqlens)) / parts
+    assert max(cost) <= ideal + 2 * overhead + 1
 
 
 def test_few_requests_within_budget_get_a_part_each():
     # 128 x 256 pages on 132 parts: budget 259 pages. Cutting each request at the budget would leave
     # 2-page pieces, each with a whole fixed overhead, a partial and a combine; one part per request
-    # instead overshoots the budget by 2 pages.
+    # instead overshoots the budget by 2 pages. The choice is priced with FIXED_OVERHEAD_PAGES also for
+    # 16-row tiles, whose cut overhead would make the budget 255 pages and split every request.
+    assert budget_of([256] * 128, 132, FEW_ROWS_OVERHEAD_PAGES) < 256
     plan = plan_splits([16384] * 128, 132, 16)
     assert plan.num_splits == list(range(129))
     assert plan.records[:128] == [SchedRecord(i, 0, i, 256, i) for i in range(128)]
@@ -171,7 +182,9 @@ def test_num_sm_parts(rows, parts):
 def test_plans_for_other_overheads():
     # benchmarks/sweep_sched_overhead.py times the plans the kernel would make with other constants.
     seqlens = [random.Random(s).randint(1, 30000) for s in range(200)]
-    assert plan_splits(seqlens, 132, 16) == plan_splits(seqlens, 132, 16, FIXED_OVERHEAD_PAGES)
+    assert plan_splits(seqlens, 132, 64) == plan_splits(seqlens, 132, 64, FIXED_OVERHEAD_PAGES)
+    # More requests than parts, so a budget plan: the few-rows tile's plan is cut with its overhead.
+    assert plan_splits(seqlens, 132, FEW_ROWS) == plan_splits(seqlens, 132, FEW_ROWS, FEW_ROWS_OVERHEAD_PAGES)
     # More requests than parts: the budget, and so the cuts, follow the overhead.
     assert plan_splits(seqlens, 132, 16, 2).records != plan_splits(seqlens, 132, 16, 8).records
 
@@ -211,3 +224,17 @@ def test_cheapest_piece_never_costs_more_than_the_fitted_one(seed):
     assert sum(pieces_of(p, piece) for p in pages) <= parts
     assert piece_cost(pages, piece, rows) <= piece_cost(pages, fit, rows)
     assert piece == fit or piece_cost(pages, piece, rows) < piece_cost(pages, fit, rows)
+
+
+def test_cut_overhead_follows_the_rows():
+    assert [cut_overhead_pages(r) for r in (1, FEW_ROWS, FEW_ROWS + 1, 128)] == [
+        FEW_ROWS_OVERHEAD_PAGES,
+        FEW_ROWS_OVERHEAD_PAGES,
+        FIXED_OVERHEAD_PAGES,
+        FIXED_OVERHEAD_PAGES,
+    ]
+    # Varlen requests longer than the budget: a budget plan either way, cut by the rows' overhead.
+    seqlens = [random.Random(s).randint(1, 2 * 8192) for s in range(128)]
+    few, more = plan_splits(seqlens, 132, FEW_ROWS), plan_splits(seqlens, 132, FEW_ROWS + 1)
+    assert more == plan_splits(seqlens, 132, FEW_ROWS + 1, FIXED_OVERHEAD_PAGES)
+    assert few == plan_splits(seqlens, 132, FEW_ROWS, FEW_ROWS_OVERHEAD_PAGES) and few.records != more.records

@@ -18,7 +18,9 @@ BLOCK_M = 64  # packed query rows (s_q * h_q) per decode CTA tile
 # them. DeepSeek-V2/V3 have 128 query heads at TP1; MTP/speculative decode sends a few tokens.
 MAX_H_Q = 128
 MAX_S_Q = 8
-FIXED_OVERHEAD_PAGES = 5  # scheduler cost of a request beyond its pages (see csrc/sched_meta.h)
+FIXED_OVERHEAD_PAGES = 5  # scheduler cost of a request piece beyond its pages (see csrc/sched_meta.h)
+FEW_ROWS = 16  # requests of at most this many query rows (s_q * h_q) ...
+FEW_ROWS_OVERHEAD_PAGES = 3  # ... are cut by the budget plan with this overhead (ditto)
 PARTIAL_ROWS_PER_PAGE = 2048  # scheduler: partial rows of split pieces that cost one page (ditto)
 SCHED_RECORD_INTS = 8
 
@@ -47,7 +49,7 @@ def check_against_extension(layout_info: list[int]) -> None:
     int32 = 4
     expected = [SCHED_RECORD_INTS * int32]
     expected += [i * int32 for i, _ in enumerate(fields(SchedRecord))]
-    expected += [FIXED_OVERHEAD_PAGES, PARTIAL_ROWS_PER_PAGE, D_QK, D_V, PAGE_SIZE]
+    expected += [FIXED_OVERHEAD_PAGES, FEW_ROWS, FEW_ROWS_OVERHEAD_PAGES, PARTIAL_ROWS_PER_PAGE, D_QK, D_V, PAGE_SIZE]
     if list(layout_info) != expected:
         raise RuntimeError(
             "flashmla_kernels was built from sources whose scheduler layout or constants differ from "

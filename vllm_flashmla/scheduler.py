@@ -10,7 +10,15 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ._layout import BLOCK_M, FIXED_OVERHEAD_PAGES, PAGE_SIZE, PARTIAL_ROWS_PER_PAGE, SchedRecord
+from ._layout import (
+    BLOCK_M,
+    FEW_ROWS,
+    FEW_ROWS_OVERHEAD_PAGES,
+    FIXED_OVERHEAD_PAGES,
+    PAGE_SIZE,
+    PARTIAL_ROWS_PER_PAGE,
+    SchedRecord,
+)
 
 
 def num_pages_of(seqlen: int) -> int:
@@ -33,6 +41,11 @@ def pieces_of(pages: int, piece_pages: int) -> int:
     """Parts a request of `pages` takes in a plan of pieces of at most piece_pages (an empty request
     still needs one part, which writes its zero output)."""
     return max(1, (pages + piece_pages - 1) // piece_pages)
+
+
+def cut_overhead_pages(num_q_rows: int) -> int:
+    """Overhead by which the budget plan cuts requests of num_q_rows query rows (sched_meta.h)."""
+    return FEW_ROWS_OVERHEAD_PAGES if num_q_rows <= FEW_ROWS else FIXED_OVERHEAD_PAGES
 
 
 def budget_of(pages: Sequence[int], num_sm_parts: int, overhead: int = FIXED_OVERHEAD_PAGES) -> int:
@@ -87,18 +100,20 @@ def plan_splits(
     cache_seqlens: Sequence[int],
     num_sm_parts: int,
     num_q_rows: int,
-    fixed_overhead_pages: int = FIXED_OVERHEAD_PAGES,
+    overhead: int | None = None,
 ) -> SchedulePlan:
-    """The device scheduler's plan for requests of num_q_rows (s_q * h_q) query rows each.
-    `fixed_overhead_pages` other than the kernel's constant gives the plan the device would make with
-    that constant (benchmarks/sweep_sched_overhead.py times them)."""
+    """The device scheduler's plan for requests of num_q_rows (s_q * h_q) query rows each: the plan
+    is chosen with FIXED_OVERHEAD_PAGES, and the budget plan cuts with cut_overhead_pages(num_q_rows).
+    An `overhead` gives the plan the device would make if both were that value
+    (benchmarks/sweep_sched_overhead.py times them)."""
     pages = [num_pages_of(int(s)) for s in cache_seqlens]
-    budget = budget_of(pages, num_sm_parts, fixed_overhead_pages)
+    choice = FIXED_OVERHEAD_PAGES if overhead is None else overhead
     if len(pages) <= num_sm_parts:
         fit = smallest_piece(pages, num_sm_parts)
-        if fit <= budget:
+        if fit <= budget_of(pages, num_sm_parts, choice):
             return _plan_pieces(pages, num_sm_parts, cheapest_piece(pages, fit, num_q_rows))
-    return _plan_budget(pages, num_sm_parts, budget, fixed_overhead_pages)
+    cut = cut_overhead_pages(num_q_rows) if overhead is None else overhead
+    return _plan_budget(pages, num_sm_parts, budget_of(pages, num_sm_parts, cut), cut)
 
 
 def _plan_pieces(pages: list[int], num_sm_parts: int, piece: int) -> SchedulePlan:
