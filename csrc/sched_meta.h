@@ -40,12 +40,13 @@ static_assert(alignof(SchedRecord) == alignof(int32_t), "SchedRecord is read as 
 // into pieces cheaper than their overhead, and it prices the choice between the scheduler's two plans.
 constexpr int FIXED_OVERHEAD_PAGES = 5;
 
-// A tile of at most FEW_ROWS real query rows ends a piece sooner (its epilogue and its partial are a
-// quarter of a 64-row tile's), so the budget plan cuts such requests with a smaller overhead: varlen
-// b = 128, h_q = 16 steps 0.5-2% faster on the H200 (docs/perf-notes.md, rounds 13 and 14). The choice
-// of plan keeps FIXED_OVERHEAD_PAGES: the budget plan would split every request of a uniform batch of
-// budget-long requests, and its partials and combine cost more than one part per request saves
-// (b = 128, s_k = 16384, 16 rows: 1-2% slower split).
+// A tile of at most FEW_ROWS real query rows ends a piece sooner (its fp32 partial is a quarter of a
+// 64-row tile's, its epilogue under half as long), so the budget plan cuts such requests with a
+// smaller overhead: varlen b = 128, h_q = 16 steps 1.3% faster on the H200 at s_k = 4096 and 8192
+// (docs/perf-notes.md, rounds 13 and 14). The choice of plan keeps FIXED_OVERHEAD_PAGES: with the
+// smaller one the budget plan would split every request of a uniform batch of budget-long requests,
+// and its partials and combine cost more than one part per request saves (b = 128, s_k = 16384,
+// 16 rows: 1-2% slower split).
 constexpr int FEW_ROWS = 16;
 constexpr int FEW_ROWS_OVERHEAD_PAGES = 3;
 static_assert(0 < FEW_ROWS_OVERHEAD_PAGES && FEW_ROWS_OVERHEAD_PAGES <= FIXED_OVERHEAD_PAGES,
