@@ -46,6 +46,7 @@ if importlib.util.find_spec("vllm_flashmla") is None:
     sys.path.append(REPO_ROOT)
 
 import make_table  # noqa: E402  (benchmarks/make_table.py: summary and Markdown table, no torch)
+from nvml_meter import NvmlError, NvmlMeter  # noqa: E402
 from results_io import default_results_path, git_state, nvidia_smi, write_json  # noqa: E402
 from vllm_flashmla._layout import D_QK, D_ROPE, D_V, PAGE_SIZE  # noqa: E402
 
@@ -461,8 +462,17 @@ def capture(step, calls: int):
     return graph, result
 
 
-def time_graphs(graphs: list, calls: int, reps: int, target_ms: float) -> list[float]:
-    """Median microseconds per step of each graph; graphs alternate within every repetition."""
+@dataclass(frozen=True)
+class GraphTiming:
+    us: float  # median microseconds per step
+    mj_per_step: float | None = None  # median millijoules per step (NVML energy counter), with a meter
+    sm_mhz: float | None = None  # median SM clock sampled while the repetitions ran, with a meter
+
+
+def measure_graphs(graphs: list, calls: int, reps: int, target_ms: float, meter=None) -> list[GraphTiming]:
+    """Median time (and, given an NvmlMeter, energy and SM clock) per step of each graph; graphs
+    alternate within every repetition. The energy counter is read before and after each repetition;
+    the clock once its replays are queued, while the GPU runs them."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     counts = []
     for g in graphs:
@@ -472,16 +482,31 @@ def time_graphs(graphs: list, calls: int, reps: int, target_ms: float) -> list[f
         end.record()
         end.synchronize()
         counts.append(int(min(MAX_REPLAYS_PER_REP, max(1, round(target_ms / max(start.elapsed_time(end), 1e-3))))))
-    samples: list[list[float]] = [[] for _ in graphs]
+    us: list[list[float]] = [[] for _ in graphs]
+    mj: list[list[float]] = [[] for _ in graphs]
+    mhz: list[list[float]] = [[] for _ in graphs]
     for _ in range(reps):
-        for g, n, acc in zip(graphs, counts, samples, strict=True):
+        for i, (g, n) in enumerate(zip(graphs, counts, strict=True)):
+            e0 = meter.energy_mj() if meter else 0
             start.record()
             for _ in range(n):
                 g.replay()
             end.record()
+            if meter:
+                mhz[i].append(meter.sm_clock_mhz())
             end.synchronize()
-            acc.append(start.elapsed_time(end) * 1e3 / (n * calls))
-    return [statistics.median(acc) for acc in samples]
+            if meter:
+                mj[i].append((meter.energy_mj() - e0) / (n * calls))
+            us[i].append(start.elapsed_time(end) * 1e3 / (n * calls))
+    return [
+        GraphTiming(statistics.median(u), statistics.median(e) if e else None, statistics.median(c) if c else None)
+        for u, e, c in zip(us, mj, mhz, strict=True)
+    ]
+
+
+def time_graphs(graphs: list, calls: int, reps: int, target_ms: float) -> list[float]:
+    """Median microseconds per step of each graph; graphs alternate within every repetition."""
+    return [t.us for t in measure_graphs(graphs, calls, reps, target_ms)]
 
 
 def bench_impl(
@@ -520,9 +545,13 @@ def bench_impl(
         fields["note"] = f"meta_us unavailable: {type(exc).__name__}: {exc}"
         torch.cuda.synchronize()
 
-    times = time_graphs(graphs, calls, args.reps, args.target_ms)
-    fields["us"] = round(times[0], 3)
-    fields["meta_us"] = round(times[1] - times[0], 3) if len(times) > 1 else None
+    meter = getattr(args, "meter", None)
+    timings = measure_graphs(graphs, calls, args.reps, args.target_ms, meter)
+    fields["us"] = round(timings[0].us, 3)
+    fields["meta_us"] = round(timings[1].us - timings[0].us, 3) if len(timings) > 1 else None
+    if meter:
+        fields["mj_per_step"] = round(timings[0].mj_per_step, 4)
+        fields["sm_mhz"] = timings[0].sm_mhz
     return fields, new_base
 
 
@@ -718,6 +747,11 @@ def parse_args(argv=None):
         default=VLLM_FA3_CUDAGRAPH_MAX_SPLITS,
         help="num_splits for FA3 (vLLM passes 32 under full CUDA graphs; 0 = FA3's heuristic)",
     )
+    p.add_argument(
+        "--energy",
+        action="store_true",
+        help="also record each implementation's energy per step (mj_per_step) and SM clock (sm_mhz) from NVML",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="print the selected shapes and exit (no GPU needed)")
     args = p.parse_args(argv)
@@ -750,6 +784,19 @@ def main(argv=None) -> int:
         if not st["available"]:
             print(f"warning: {name} unavailable, recording error rows: {st['reason']}", file=sys.stderr)
     env = environment(args, status)
+    args.meter = None
+    if args.energy:
+        try:
+            args.meter = NvmlMeter(env["gpu_props"]["uuid"] or "")
+            args.meter.energy_mj()
+        except NvmlError as exc:
+            print(f"bench_decode: --energy needs NVML's energy counter: {exc}", file=sys.stderr)
+            return 1
+        env["method"]["energy"] = (
+            "mj_per_step: NVML's cumulative energy counter (mJ) read before and after each timed repetition of "
+            "the decode graph, divided by its steps, median of reps; sm_mhz: NVML's SM clock read once per "
+            "repetition while its replays run, median of reps. Whole-GPU readings: HBM and idle power included"
+        )
     out_path = args.out or default_results_path("decode", env["gpu"])
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     l2_bytes = env["gpu_props"]["l2_bytes"] or 50 * 2**20
