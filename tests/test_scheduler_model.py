@@ -183,9 +183,9 @@ def test_plans_for_other_overheads():
     # benchmarks/sweep_sched_overhead.py times the plans the kernel would make with other constants.
     seqlens = [random.Random(s).randint(1, 30000) for s in range(200)]
     assert plan_splits(seqlens, 132, 64) == plan_splits(seqlens, 132, 64, FIXED_OVERHEAD_PAGES)
-    # More requests than parts, so a budget plan: the few-rows tile's plan is cut with its overhead.
+    # More requests than parts, so budget plans, whose budget and cuts follow the overhead: the kernel's
+    # for a few-rows tile is FEW_ROWS_OVERHEAD_PAGES.
     assert plan_splits(seqlens, 132, FEW_ROWS) == plan_splits(seqlens, 132, FEW_ROWS, FEW_ROWS_OVERHEAD_PAGES)
-    # More requests than parts: the budget, and so the cuts, follow the overhead.
     assert plan_splits(seqlens, 132, 16, 2).records != plan_splits(seqlens, 132, 16, 8).records
 
 
