@@ -34,42 +34,40 @@ constexpr CUtensorMapDataType tensor_map_dtype() {
                                                                         : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
 }
 
-// The cache as a 3-D tensor [num_pages][PAGE_SIZE][D_QK] (innermost first below), loaded as boxes of
-// [1 page][64 keys][64 columns] with 128-byte swizzling, the layout the wgmma descriptors expect.
+// A 3-D tensor [outer][rows][D_QK] of Config::Element (row_stride and outer_stride in elements), loaded
+// as boxes of [1][box_rows][BOX_COLS] with 128-byte swizzling, the layout the wgmma descriptors expect.
+// Rows past `rows` are outside the tensor: TMA fills them with zeros.
 template <typename Config>
-cudaError_t make_kv_tensor_map(CUtensorMap* map, const void* k_cache, int64_t num_pages, int64_t stride_kv_page,
-                               int64_t stride_kv_token) {
+cudaError_t make_row_tensor_map(CUtensorMap* map, const void* base, int64_t rows, int64_t outer, int64_t row_stride,
+                                int64_t outer_stride, int box_rows) {
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return cudaErrorSymbolNotFound;
   constexpr int ELEM = int(sizeof(typename Config::Element));
-  const cuuint64_t dims[3] = {cuuint64_t(D_QK), cuuint64_t(PAGE_SIZE), cuuint64_t(num_pages)};
-  const cuuint64_t strides[2] = {cuuint64_t(stride_kv_token * ELEM), cuuint64_t(stride_kv_page * ELEM)};
-  const cuuint32_t box[3] = {cuuint32_t(Config::BOX_COLS), cuuint32_t(Config::BLOCK_N), 1};
+  const cuuint64_t dims[3] = {cuuint64_t(D_QK), cuuint64_t(rows), cuuint64_t(outer)};
+  const cuuint64_t strides[2] = {cuuint64_t(row_stride * ELEM), cuuint64_t(outer_stride * ELEM)};
+  const cuuint32_t box[3] = {cuuint32_t(Config::BOX_COLS), cuuint32_t(box_rows), 1};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult res = encode(map, tensor_map_dtype<Config>(), 3,
-                              const_cast<void*>(k_cache), dims, strides, box, elem_strides,
-                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+  const CUresult res = encode(map, tensor_map_dtype<Config>(), 3, const_cast<void*>(base), dims, strides, box,
+                              elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// Q as a 3-D tensor [b][num_q_rows][D_QK] with q_row_stride between its rows (the binding copies a q
-// whose rows have none), loaded as boxes of [1 request][64 rows][64 columns]. Rows past num_q_rows are
-// outside the tensor, so a tile's padding rows arrive as zeros.
+// The cache as [num_pages][PAGE_SIZE][D_QK], loaded a page of 64 keys at a time.
+template <typename Config>
+cudaError_t make_kv_tensor_map(CUtensorMap* map, const void* k_cache, int64_t num_pages, int64_t stride_kv_page,
+                               int64_t stride_kv_token) {
+  return make_row_tensor_map<Config>(map, k_cache, PAGE_SIZE, num_pages, stride_kv_token, stride_kv_page,
+                                     Config::BLOCK_N);
+}
+
+// Q as [b][num_q_rows][D_QK] with q_row_stride between its rows (the binding copies a q whose rows have
+// none), loaded a 64-row tile at a time; a tile's padding rows past num_q_rows arrive as zeros.
 template <typename Config>
 cudaError_t make_q_tensor_map(CUtensorMap* map, const DecodeParams& params) {
-  auto encode = tensor_map_encoder();
-  if (encode == nullptr) return cudaErrorSymbolNotFound;
-  constexpr int ELEM = int(sizeof(typename Config::Element));
   const int64_t stride_row = q_row_stride(params.s_q, params.h_q, params.stride_q_s, params.stride_q_h);
-  const cuuint64_t dims[3] = {cuuint64_t(D_QK), cuuint64_t(params.num_q_rows), cuuint64_t(params.b)};
-  const cuuint64_t strides[2] = {cuuint64_t(stride_row * ELEM), cuuint64_t(params.stride_q_b * ELEM)};
-  const cuuint32_t box[3] = {cuuint32_t(Config::BOX_COLS), cuuint32_t(Config::BLOCK_M), 1};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult res = encode(map, tensor_map_dtype<Config>(), 3, const_cast<void*>(params.q), dims, strides, box,
-                              elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  return make_row_tensor_map<Config>(map, params.q, params.num_q_rows, params.b, stride_row, params.stride_q_b,
+                                     Config::BLOCK_M);
 }
 
 template <typename Element>
