@@ -23,6 +23,7 @@ file is rewritten after every shape so a killed run keeps what it measured. See 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import importlib.util
 import math
@@ -46,7 +47,7 @@ if importlib.util.find_spec("vllm_flashmla") is None:
     sys.path.append(REPO_ROOT)
 
 import make_table  # noqa: E402  (benchmarks/make_table.py: summary and Markdown table, no torch)
-from nvml_meter import NvmlError, NvmlMeter  # noqa: E402
+from nvml_meter import EnergyWindow, NvmlError, NvmlMeter, PowerReading  # noqa: E402
 from results_io import default_results_path, git_state, nvidia_smi, write_json  # noqa: E402
 from vllm_flashmla._layout import D_QK, D_ROPE, D_V, PAGE_SIZE  # noqa: E402
 
@@ -62,6 +63,12 @@ MAX_KV_COPIES = 256
 CHECK_REQUESTS = 4  # requests per shape compared against the fp32 reference
 REL_TOL = 0.05  # max |out - ref| allowed, relative to max |ref|; real bugs are O(1)
 MAX_REPLAYS_PER_REP = 10_000
+# --energy: a power window per implementation and shape, after its timing (measure_power).
+ENERGY_SECONDS = 1.5  # of NVML counter refreshes (~100 ms apart); default of --energy-s
+POWER_SETTLE_S = 0.3  # replays before the window opens, while the power settles
+POWER_LEAD_MS = 20.0  # GPU time the host may queue ahead of the GPU
+POWER_POLL_S = 0.002  # host time between reads of the counter, at least ...
+POWER_POLL_DUTY = 0.1  # ... so that reads take at most this share of the host's time
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,17 +469,8 @@ def capture(step, calls: int):
     return graph, result
 
 
-@dataclass(frozen=True)
-class GraphTiming:
-    us: float  # median microseconds per step
-    mj_per_step: float | None = None  # median millijoules per step (NVML energy counter), with a meter
-    sm_mhz: float | None = None  # median SM clock sampled while the repetitions ran, with a meter
-
-
-def measure_graphs(graphs: list, calls: int, reps: int, target_ms: float, meter=None) -> list[GraphTiming]:
-    """Median time (and, given an NvmlMeter, energy and SM clock) per step of each graph; graphs
-    alternate within every repetition. The energy counter is read before and after each repetition;
-    the clock once its replays are queued, while the GPU runs them."""
+def time_graphs(graphs: list, calls: int, reps: int, target_ms: float) -> list[float]:
+    """Median microseconds per step of each graph; graphs alternate within every repetition."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     counts = []
     for g in graphs:
@@ -482,31 +480,44 @@ def measure_graphs(graphs: list, calls: int, reps: int, target_ms: float, meter=
         end.record()
         end.synchronize()
         counts.append(int(min(MAX_REPLAYS_PER_REP, max(1, round(target_ms / max(start.elapsed_time(end), 1e-3))))))
-    us: list[list[float]] = [[] for _ in graphs]
-    mj: list[list[float]] = [[] for _ in graphs]
-    mhz: list[list[float]] = [[] for _ in graphs]
+    samples: list[list[float]] = [[] for _ in graphs]
     for _ in range(reps):
-        for i, (g, n) in enumerate(zip(graphs, counts, strict=True)):
-            e0 = meter.energy_mj() if meter else 0
+        for g, n, acc in zip(graphs, counts, samples, strict=True):
             start.record()
             for _ in range(n):
                 g.replay()
             end.record()
-            if meter:
-                mhz[i].append(meter.sm_clock_mhz())
             end.synchronize()
-            if meter:
-                mj[i].append((meter.energy_mj() - e0) / (n * calls))
-            us[i].append(start.elapsed_time(end) * 1e3 / (n * calls))
-    return [
-        GraphTiming(statistics.median(u), statistics.median(e) if e else None, statistics.median(c) if c else None)
-        for u, e, c in zip(us, mj, mhz, strict=True)
-    ]
+            acc.append(start.elapsed_time(end) * 1e3 / (n * calls))
+    return [statistics.median(acc) for acc in samples]
 
 
-def time_graphs(graphs: list, calls: int, reps: int, target_ms: float) -> list[float]:
-    """Median microseconds per step of each graph; graphs alternate within every repetition."""
-    return [t.us for t in measure_graphs(graphs, calls, reps, target_ms)]
+def measure_power(graph, us_per_replay: float, meter: NvmlMeter, seconds: float) -> PowerReading | None:
+    """Mean GPU power while `graph` replays back to back: POWER_SETTLE_S to let the power settle, then
+    `seconds` of NVML counter refreshes (nvml_meter.EnergyWindow). The host stays at most about
+    POWER_LEAD_MS of replays ahead of the GPU, so the queue left at the end is short, and spends at most
+    about POWER_POLL_DUTY of its time reading the counter (a read is a driver call: 2.8 ms median on
+    an H200 of the pool, up to 18 ms), so it keeps the queue filled between reads even for graphs of
+    tens of microseconds."""
+    window = EnergyWindow(meter)
+    lead = max(2, math.ceil(POWER_LEAD_MS * 1e3 / us_per_replay))
+    queued: collections.deque = collections.deque()
+    t0 = time.perf_counter()
+    next_poll, stop = t0 + POWER_SETTLE_S, t0 + POWER_SETTLE_S + seconds
+    while True:
+        graph.replay()
+        queued.append(torch.cuda.Event())
+        queued[-1].record()
+        if len(queued) > lead:
+            queued.popleft().synchronize()
+        t = time.perf_counter()
+        if t >= stop:
+            break
+        if t >= next_poll:
+            took = window.poll()
+            next_poll = t + max(POWER_POLL_S, took / POWER_POLL_DUTY)
+    torch.cuda.synchronize()
+    return window.reading()
 
 
 def bench_impl(
@@ -545,13 +556,15 @@ def bench_impl(
         fields["note"] = f"meta_us unavailable: {type(exc).__name__}: {exc}"
         torch.cuda.synchronize()
 
+    times = time_graphs(graphs, calls, args.reps, args.target_ms)
+    fields["us"] = round(times[0], 3)
+    fields["meta_us"] = round(times[1] - times[0], 3) if len(times) > 1 else None
     meter = getattr(args, "meter", None)
-    timings = measure_graphs(graphs, calls, args.reps, args.target_ms, meter)
-    fields["us"] = round(timings[0].us, 3)
-    fields["meta_us"] = round(timings[1].us - timings[0].us, 3) if len(timings) > 1 else None
-    if meter:
-        fields["mj_per_step"] = round(timings[0].mj_per_step, 4)
-        fields["sm_mhz"] = timings[0].sm_mhz
+    if meter is not None:
+        power = measure_power(g_dec, times[0] * calls, meter, args.energy_s)
+        fields["watts"] = round(power.watts, 1) if power else None
+        fields["mj_per_step"] = round(power.watts * times[0] * 1e-3, 4) if power else None
+        fields["sm_mhz"] = power.sm_mhz if power else None
     return fields, new_base
 
 
@@ -750,7 +763,15 @@ def parse_args(argv=None):
     p.add_argument(
         "--energy",
         action="store_true",
-        help="also record each implementation's energy per step (mj_per_step) and SM clock (sm_mhz) from NVML",
+        help="after each implementation's timing, also record the GPU's mean power (watts), energy per step "
+        "(mj_per_step) and SM clock (sm_mhz) from NVML over a window of back-to-back replays",
+    )
+    p.add_argument(
+        "--energy-s",
+        type=float,
+        default=ENERGY_SECONDS,
+        help=f"seconds of NVML counter refreshes per power window (default {ENERGY_SECONDS}; at least "
+        f"{EnergyWindow.MIN_SECONDS})",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="print the selected shapes and exit (no GPU needed)")
@@ -762,6 +783,8 @@ def parse_args(argv=None):
     args.impl_names = [n for n in IMPL_NAMES if n in names]  # canonical order: ours first
     if args.reps < 1 or args.target_ms <= 0:
         p.error("--reps must be >= 1 and --target-ms > 0")
+    if args.energy_s < EnergyWindow.MIN_SECONDS:
+        p.error(f"--energy-s must be >= {EnergyWindow.MIN_SECONDS} (NVML refreshes its energy counter ~every 100 ms)")
     args.shape_list = select_shapes(quick_grid() if args.quick else full_grid(), args.shapes)
     if not args.shape_list:
         p.error("--shapes selected no shape")
@@ -793,9 +816,11 @@ def main(argv=None) -> int:
             print(f"bench_decode: --energy needs NVML's energy counter: {exc}", file=sys.stderr)
             return 1
         env["method"]["energy"] = (
-            "mj_per_step: NVML's cumulative energy counter (mJ) read before and after each timed repetition of "
-            "the decode graph, divided by its steps, median of reps; sm_mhz: NVML's SM clock read once per "
-            "repetition while its replays run, median of reps. Whole-GPU readings: HBM and idle power included"
+            f"after each implementation's timing, its decode graph replays back to back for {POWER_SETTLE_S} s plus "
+            f"a window of {args.energy_s} s; watts: NVML's cumulative energy counter (refreshed ~every 100 ms) "
+            "between the first and the last refresh seen in the window, over the host time between them; "
+            "mj_per_step: watts x us; sm_mhz: median of NVML's SM clock read at each refresh. Whole-GPU "
+            "readings: HBM and idle power included"
         )
     out_path = args.out or default_results_path("decode", env["gpu"])
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
