@@ -73,6 +73,15 @@ struct DecodeConfig {
   // in between (see the mainloop). One box covers the release; two measured the same on the H100.
   static constexpr int QK_HEAD_STEPS = QK_STEPS_PER_BOX;
   static constexpr int PV_STEPS = BLOCK_N / MMA_K;                        // 4
+  // Requests of more than one 64-row tile are compute-bound, and there QK^T, whose K steps read both
+  // operands from shared memory at its 128 bytes per cycle, sets much of the page period. So the MMA
+  // threads of those requests keep Q's last (RoPE) box in registers, loaded once per request, and issue
+  // its K steps with A from registers: 0.995-1.016x on the 18 such b = 128 grid shapes, 1.008-1.011x at
+  // b = 1 and 32 with 128 heads (perf notes round 15). One-tile requests keep Q in shared memory:
+  // memory-bound, they lost 0.9-1.3% with it.
+  static constexpr int Q_REG_BOX = NUM_QK_BOXES - 1;                      // the RoPE box of Q
+  static constexpr int Q_REG_FIRST_STEP = Q_REG_BOX * QK_STEPS_PER_BOX;   // its first K step, 32
+  static constexpr int Q_REGS = QK_STEPS_PER_BOX * 4;                     // 4 A registers per K step: 16
   static constexpr int P_BOX = NUM_QK_BOXES - 1;                          // the RoPE box, reused for P
   // Final outputs of tiles with at most this many real rows are stored from the accumulator registers;
   // larger ones go through shared memory as whole rows (see the epilogue).
@@ -88,6 +97,8 @@ struct DecodeConfig {
   static_assert(O_COLS_PER_WG % BOX_COLS == 0, "each warpgroup owns whole V boxes");
   static_assert(O_COLS_PER_WG <= 256, "wgmma N is at most 256");
   static_assert(0 < QK_HEAD_STEPS && QK_HEAD_STEPS < QK_STEPS, "the QK^T head is a proper part of the K steps");
+  static_assert(QK_HEAD_STEPS <= Q_REG_FIRST_STEP && Q_REG_FIRST_STEP + QK_STEPS_PER_BOX == QK_STEPS,
+                "the register box is the last box of QK^T, after its head");
   static_assert(NUM_MMA_THREADS % 128 == 0, "wgmma needs whole warpgroups");
   static_assert(KV_PRODUCER_WARP != Q_PRODUCER_WARP && Q_PRODUCER_WARP < NUM_PRODUCER_THREADS / 32,
                 "the KV and Q producers are lanes of different warps of the producer warpgroup");

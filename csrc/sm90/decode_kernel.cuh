@@ -80,7 +80,9 @@ __device__ __forceinline__ void rescale(float (&o)[Config::O_FRAG], const float 
   }
 }
 
-template <typename Config>
+// Q_IN_REGS: Q's box Config::Q_REG_BOX comes from registers in QK^T (see config.h; the launch sets it
+// for requests of more than one tile).
+template <typename Config, bool Q_IN_REGS>
 __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
     decode_kernel(const __grid_constant__ DecodeParams params, const __grid_constant__ CUtensorMap tmap_kv,
                   const __grid_constant__ CUtensorMap tmap_q) {
@@ -154,6 +156,8 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
     bool holds_q = true;
 
     Mbarrier::wait(&smem.q_full, q_phase);
+    uint32_t q_regs[Config::Q_REGS];
+    if constexpr (Q_IN_REGS) Loop::load_q_regs(smem, q_regs, wg_tid);
     OnlineSoftmax<Config> softmax(params.scale_log2);
     float o[Config::O_FRAG];
 #pragma unroll
@@ -190,10 +194,10 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
       // which keeps the tensor cores busy meanwhile, and the rest: issuing all 36 K steps first would
       // hold the release back until most of the QK^T had run (wgmma issue stalls while the pipe is full).
       Mbarrier::wait(&smem.kv_full[pipe.stage], pipe.phase);
-      Loop::template issue_qk<0, Config::QK_HEAD_STEPS>(smem, pipe.stage, s);
+      Loop::template issue_qk<0, Config::QK_HEAD_STEPS, Q_IN_REGS>(smem, pipe.stage, s, q_regs);
       Loop::template wait_mma<1>(o);
       Loop::release_stage(smem, pv_pending, lane);
-      Loop::template issue_qk<Config::QK_HEAD_STEPS, Config::QK_STEPS>(smem, pipe.stage, s);
+      Loop::template issue_qk<Config::QK_HEAD_STEPS, Config::QK_STEPS, Q_IN_REGS>(smem, pipe.stage, s, q_regs);
       Loop::template wait_mma<0>(s);
       if (!staged && page + Config::NUM_STAGES >= page_end) {  // this warpgroup's last page of the request
         Loop::release_q(smem, lane);

@@ -84,10 +84,10 @@ cudaError_t launch_decode(const DecodeParams& params, const void* k_cache, int64
   err = make_q_tensor_map<Config>(&tmap_q, params);
   if (err != cudaSuccess) return err;
 
-  auto kernel = &decode_kernel<Config>;
+  const int num_m_blocks = (params.num_q_rows + Config::BLOCK_M - 1) / Config::BLOCK_M;
+  auto kernel = num_m_blocks > 1 ? &decode_kernel<Config, true> : &decode_kernel<Config, false>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
   if (err != cudaSuccess) return err;
-  const int num_m_blocks = (params.num_q_rows + Config::BLOCK_M - 1) / Config::BLOCK_M;
   const dim3 grid(num_m_blocks, params.num_sm_parts);
   kernel<<<grid, Config::NUM_THREADS, SMEM_BYTES, stream>>>(params, tmap_kv, tmap_q);
   return cudaGetLastError();

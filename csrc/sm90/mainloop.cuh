@@ -66,20 +66,49 @@ struct Mainloop {
   // The owner warpgroup: issue K steps [FIRST_STEP, END_STEP) of s = Q K^T over all 64 keys of the page
   // in `stage` (the whole product is K = 576 columns, QK_STEPS steps) as one wgmma group; the first
   // step overwrites s, later ones (also in a later group) accumulate. Completes at the matching wait_mma.
-  template <int FIRST_STEP, int END_STEP>
-  __device__ static void issue_qk(Smem& smem, int stage, float (&s)[Config::S_FRAG]) {
+  // With Q_IN_REGS the steps of Config::Q_REG_BOX take Q from q_regs (load_q_regs) instead.
+  template <int FIRST_STEP, int END_STEP, bool Q_IN_REGS>
+  __device__ static void issue_qk(Smem& smem, int stage, float (&s)[Config::S_FRAG],
+                                  uint32_t (&q_regs)[Config::Q_REGS]) {
     static_assert(0 <= FIRST_STEP && FIRST_STEP < END_STEP && END_STEP <= Config::QK_STEPS, "K steps of QK^T");
+    constexpr bool REG_STEPS = Q_IN_REGS && END_STEP > Config::Q_REG_FIRST_STEP;  // some steps read q_regs
     fence_accumulator(s);
+    if constexpr (REG_STEPS) fence_operands(q_regs);
     cute::warpgroup_arrive();
 #pragma unroll
     for (int t = FIRST_STEP; t < END_STEP; ++t) {
       const int box = t / Config::QK_STEPS_PER_BOX;
       const int k_bytes = (t % Config::QK_STEPS_PER_BOX) * Config::MMA_K * int(sizeof(Element));
-      const uint64_t desc_q = desc_advance(smem_desc_k_major(smem.q[box]), k_bytes);
       const uint64_t desc_k = desc_advance(smem_desc_k_major(smem.kv[stage][box]), k_bytes);
-      gmma<typename Atoms::QK>(desc_q, desc_k, s, t == 0 ? ScaleOut::Zero : ScaleOut::One);
+      if (REG_STEPS && t >= Config::Q_REG_FIRST_STEP) {
+        gmma_rs<typename Atoms::QK_RS>(&q_regs[4 * (t - Config::Q_REG_FIRST_STEP)], desc_k, s, ScaleOut::One);
+      } else {
+        const uint64_t desc_q = desc_advance(smem_desc_k_major(smem.q[box]), k_bytes);
+        gmma<typename Atoms::QK>(desc_q, desc_k, s, t == 0 ? ScaleOut::Zero : ScaleOut::One);
+      }
     }
     cute::warpgroup_commit_batch();
+    if constexpr (REG_STEPS) fence_operands(q_regs);
+  }
+
+  // This thread's wgmma A fragments of the Q tile's box Q_REG_BOX, once q_full has passed: for K step k
+  // of the box, rows r0 and r0 + 8 (r0 as in softmax.cuh) at columns 16 k + 2 (lane % 4) + {0, 1}, then
+  // the same rows 8 columns on, each register two 16-bit elements of one row.
+  __device__ static void load_q_regs(const Smem& smem, uint32_t (&q_regs)[Config::Q_REGS], int wg_tid) {
+    const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
+    const uint8_t* box = reinterpret_cast<const uint8_t*>(smem.q[Config::Q_REG_BOX]);
+    const int byte_in_chunk = 4 * (lane % 4);  // columns 2 (lane % 4) + {0, 1} of a 16-byte chunk
+#pragma unroll
+    for (int k = 0; k < Config::QK_STEPS_PER_BOX; ++k) {
+      // A K step's 16 columns are 32 bytes: chunks 2 k and 2 k + 1 of the 128-byte row.
+      const auto at = [&](int row, int chunk) {
+        return *reinterpret_cast<const uint32_t*>(box + swizzle_128b(row, chunk) + byte_in_chunk);
+      };
+      q_regs[4 * k + 0] = at(r0, 2 * k);
+      q_regs[4 * k + 1] = at(r0 + 8, 2 * k);
+      q_regs[4 * k + 2] = at(r0, 2 * k + 1);
+      q_regs[4 * k + 3] = at(r0 + 8, 2 * k + 1);
+    }
   }
 
   // One warpgroup: issue o += P V over the page's 64 keys, for this warpgroup's 256 value columns.

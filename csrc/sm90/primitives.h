@@ -62,13 +62,17 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(pair);
 }
 
+// QK: Q and K from shared memory; QK_RS: Q's fragment from registers (Config::Q_REG_BOX); PV: P and V
+// from shared memory.
 template <typename Element> struct GmmaAtoms;
 template <> struct GmmaAtoms<cutlass::bfloat16_t> {
   using QK = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<Major::K, Major::K>;
+  using QK_RS = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<Major::K, Major::K>;
   using PV = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<Major::K, Major::MN>;
 };
 template <> struct GmmaAtoms<cutlass::half_t> {
   using QK = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_SS<Major::K, Major::K>;
+  using QK_RS = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_RS<Major::K, Major::K>;
   using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<Major::K, Major::MN>;
 };
 
@@ -83,10 +87,26 @@ __device__ __forceinline__ void gmma(uint64_t desc_a, uint64_t desc_b, float (&a
   gmma_impl<Atom>(desc_a, desc_b, acc, scale, std::make_index_sequence<N>{});
 }
 
+// The same with A from registers: a[0..3] is one K step's 64x16 fragment of this thread.
+template <typename Atom, int N, size_t... I>
+__device__ __forceinline__ void gmma_rs_impl(const uint32_t* a, uint64_t desc_b, float (&acc)[N], ScaleOut scale,
+                                             std::index_sequence<I...>) {
+  Atom::fma(a[0], a[1], a[2], a[3], desc_b, acc[I]..., scale);
+}
+template <typename Atom, int N>
+__device__ __forceinline__ void gmma_rs(const uint32_t* a, uint64_t desc_b, float (&acc)[N], ScaleOut scale) {
+  gmma_rs_impl<Atom>(a, desc_b, acc, scale, std::make_index_sequence<N>{});
+}
+
+// Pin wgmma register operands (accumulators, A fragments): no access moves across this point.
+template <typename T, int N>
+__device__ __forceinline__ void fence_operands(T (&regs)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(regs[i]);
+}
 template <int N>
 __device__ __forceinline__ void fence_accumulator(float (&acc)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(acc[i]);
+  fence_operands(acc);
 }
 
 // The non-.aligned form (`bar.sync` is `barrier.sync.aligned`): the two MMA warpgroups meet at the
