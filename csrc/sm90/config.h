@@ -15,7 +15,8 @@
 // The owner of a page publishes P (written over the page's RoPE box, which QK^T no longer needs) and
 // the new row maxima; the other warpgroup rescales its half of O and adds P V. While one warpgroup runs
 // its softmax, the tensor cores work on the other's QK^T or PV, and Q is read from shared memory once
-// per page (a 64x64 QK^T tile) instead of once per warpgroup.
+// per page (a 64x64 QK^T tile) instead of once per warpgroup; for requests of more than one tile its
+// RoPE box comes from registers instead (Q_REG_BOX below).
 #pragma once
 
 #include <cstdint>
