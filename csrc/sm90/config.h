@@ -37,6 +37,7 @@ struct DecodeConfig {
   static constexpr int SWIZZLE_ATOM_BYTES = 8 * SWIZZLE_BYTES;           // 8 rows share one XOR pattern
   static constexpr int NUM_QK_BOXES = D_QK / BOX_COLS;                    // 9 boxes span a 576-wide row
   static constexpr int NUM_V_BOXES = D_V / BOX_COLS;                      // the first 8 of them are V
+  static constexpr int ROPE_BOX = NUM_V_BOXES;                            // the last one: RoPE columns
   static constexpr int TILE_BOX_BYTES = BLOCK_M * SWIZZLE_BYTES;          // one 64-row box
   static constexpr int PAGE_BYTES = NUM_QK_BOXES * BLOCK_N * SWIZZLE_BYTES;
   static constexpr int Q_BYTES = NUM_QK_BOXES * TILE_BOX_BYTES;
@@ -80,10 +81,10 @@ struct DecodeConfig {
   // its K steps with A from registers: 0.995-1.016x on the 18 such b = 128 grid shapes, 1.008-1.011x at
   // b = 1 and 32 with 128 heads (perf notes round 15). One-tile requests keep Q in shared memory:
   // memory-bound, they lost 0.9-1.3% with it.
-  static constexpr int Q_REG_BOX = NUM_QK_BOXES - 1;                      // the RoPE box of Q
+  static constexpr int Q_REG_BOX = ROPE_BOX;                              // of Q
   static constexpr int Q_REG_FIRST_STEP = Q_REG_BOX * QK_STEPS_PER_BOX;   // its first K step, 32
   static constexpr int Q_REGS = QK_STEPS_PER_BOX * 4;                     // 4 A registers per K step: 16
-  static constexpr int P_BOX = NUM_QK_BOXES - 1;                          // the RoPE box, reused for P
+  static constexpr int P_BOX = ROPE_BOX;                                  // of a page, reused for P
   // Final outputs of tiles with at most this many real rows are stored from the accumulator registers;
   // larger ones go through shared memory as whole rows (see the epilogue).
   static constexpr int DIRECT_OUTPUT_MAX_ROWS = 16;
