@@ -748,6 +748,7 @@ def environment(args, status: dict) -> dict:
             f"fail if max|err| > {REL_TOL} * max|ref|",
             "bytes": "(sum(seqlens)*576 + b*s_q*h_q*576 + b*s_q*h_q*512) * 2",
             "flops": "2 * sum(s_q*h_q*seqlen*(576+512))",
+            "both_orders": args.both_orders,
             "order": "every shape: "
             + " then ".join(",".join(o) for o in impl_orders(args.impl_names, args.both_orders))
             + ("; us (and meta_us, the power fields) = mean of the two passes, us_passes = each pass's us"

@@ -128,6 +128,8 @@ def caption(doc: dict) -> str:
     parts.append(
         f"vLLM {versions.get('vllm', '?')}, torch {versions.get('torch', '?')}, CUDA {versions.get('cuda', '?')}"
     )
+    if (doc.get("method") or {}).get("both_orders"):
+        parts.append("each shape timed in both implementation orders (mean)")
     commit = doc.get("git_commit") or "unknown"
     parts.append(f"commit {commit[:12]}{' (dirty)' if doc.get('git_dirty') else ''}")
     parts.append(doc.get("timestamp", ""))

@@ -41,3 +41,12 @@ def test_markdown_shows_a_shape_just_below_parity_as_below():
     geo = make_table.summary_dict(ROWS)["geomean_speedup"]
     assert f"**{geo:.3f}×**" in text
     assert "ERR flashmla b=3" in text
+
+
+def test_caption_says_when_both_orders_were_timed():
+    doc = {"gpu": "NVIDIA H200", "git_commit": "a" * 40, "timestamp": "2026-12-02T06:24:43+00:00"}
+    assert "both implementation orders" not in make_table.caption(doc)
+    assert "both implementation orders" not in make_table.caption({**doc, "method": {"both_orders": False}})
+    assert "each shape timed in both implementation orders (mean)" in make_table.caption(
+        {**doc, "method": {"both_orders": True}}
+    )
