@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "../config.h"
+#include "fragment.h"
 
 namespace vllm_flashmla::sm90 {
 
@@ -93,6 +94,11 @@ struct DecodeConfig {
   static constexpr int O_FRAG = O_COLS_PER_WG / 2;                        // 128
 
   static_assert(BLOCK_N == BOX_COLS && BLOCK_M == BLOCK_N, "P [BLOCK_M, BLOCK_N] is exactly one box");
+  static_assert(BLOCK_M == AccumFrag::TILE_ROWS &&
+                    WARPGROUP_THREADS == AccumFrag::WARPGROUP_WARPS * AccumFrag::WARP_THREADS,
+                "a tile is one warpgroup's wgmma accumulator (fragment.h)");
+  static_assert(S_FRAG % AccumFrag::CHUNK_VALUES == 0 && O_FRAG % AccumFrag::CHUNK_VALUES == 0,
+                "accumulators are whole 8-column chunks");
   static_assert(NUM_QK_BOXES == NUM_V_BOXES + 1, "one RoPE box past the V boxes holds P");
   static_assert(NUM_STAGES == NUM_MMA_WARPGROUPS, "each MMA warpgroup owns one stage");
   static_assert(D_QK % BOX_COLS == 0 && D_V % BOX_COLS == 0, "rows must split into whole boxes");

@@ -7,6 +7,7 @@
 #include "../params.h"
 #include "../sched_meta.h"
 #include "epilogue.cuh"
+#include "fragment.h"
 #include "mainloop.cuh"
 #include "softmax.cuh"
 
@@ -35,15 +36,15 @@ __device__ __forceinline__ bool own_page(SharedStorage<Config>& smem, OnlineSoft
                                          float (&s)[Config::S_FRAG], float (&o_scale)[2], int page, int seqlen,
                                          const int (&visible)[2], int masked_from, int stage, int wg_tid) {
   using Loop = Mainloop<Config>;
-  const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
+  const int lane = wg_tid % 32, r0 = AccumFrag::row0(wg_tid, lane);
   if (page >= masked_from) softmax.mask(s, page * PAGE_SIZE, visible, lane);
   float page_max[2];
   softmax.local_max(s, page_max);
   const bool moved = softmax.update(s, page_max, o_scale);
   Loop::store_p(smem, stage, s, wg_tid);
-  if (lane % 4 == 0) {
+  if (AccumFrag::quad_leader(lane)) {
     smem.row_max[stage][r0] = softmax.row_max[0];
-    smem.row_max[stage][r0 + 8] = softmax.row_max[1];
+    smem.row_max[stage][r0 + AccumFrag::ROW_STEP] = softmax.row_max[1];
   }
   if ((page + 1) * PAGE_SIZE > seqlen) Loop::zero_v_tail(smem, stage, seqlen - page * PAGE_SIZE, wg_tid);
   fence_view_async_shared();
@@ -59,9 +60,9 @@ __device__ __forceinline__ bool own_page(SharedStorage<Config>& smem, OnlineSoft
 template <typename Config>
 __device__ __forceinline__ bool follow_page(SharedStorage<Config>& smem, OnlineSoftmax<Config>& softmax,
                                             float (&o_scale)[2], int stage, int wg_tid) {
-  const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
+  const int lane = wg_tid % 32, r0 = AccumFrag::row0(wg_tid, lane);
   named_barrier_sync(p_ready(stage), Config::NUM_MMA_THREADS);
-  const float owner_max[2] = {smem.row_max[stage][r0], smem.row_max[stage][r0 + 8]};
+  const float owner_max[2] = {smem.row_max[stage][r0], smem.row_max[stage][r0 + AccumFrag::ROW_STEP]};
   return softmax.follow(owner_max, o_scale);
 }
 
@@ -72,7 +73,7 @@ template <typename Config>
 __device__ __forceinline__ void rescale(float (&o)[Config::O_FRAG], const float (&o_scale)[2], bool moved) {
   if (!__any_sync(0xffffffffu, moved)) return;
 #pragma unroll
-  for (int j = 0; j < Config::O_FRAG / 4; ++j) {
+  for (int j = 0; j < Config::O_FRAG / AccumFrag::CHUNK_VALUES; ++j) {
     o[4 * j] *= o_scale[0];
     o[4 * j + 1] *= o_scale[0];
     o[4 * j + 2] *= o_scale[1];
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
   // is not divergent control flow around in-flight wgmma accumulators.
   const int wg = __shfl_sync(0xffffffffu, tid / Config::WARPGROUP_THREADS, 0);
   const int wg_tid = tid % Config::WARPGROUP_THREADS;
-  const int lane = tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
+  const int lane = tid % 32, r0 = AccumFrag::row0(wg_tid, lane);
   typename Loop::Pipeline pipe;
   uint32_t q_phase = 0;
 
@@ -147,7 +148,7 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
     const int seqlen = params.cache_seqlens[req];
     const int page_end = end_page(rec, req, num_pages_of(seqlen));
     const int visible[2] = {visible_keys(params, seqlen, m_block * Config::BLOCK_M + r0),
-                            visible_keys(params, seqlen, m_block * Config::BLOCK_M + r0 + 8)};
+                            visible_keys(params, seqlen, m_block * Config::BLOCK_M + r0 + AccumFrag::ROW_STEP)};
     const int masked_from = first_masked_page(params, seqlen, m_block * Config::BLOCK_M);
     const bool is_split = params.num_splits[req + 1] - params.num_splits[req] > 1;
     // A staged output tile is written over Q, so Q is released after it; otherwise each warpgroup

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../params.h"
+#include "fragment.h"
 #include "primitives.h"
 #include "shared_storage.h"
 #include "softmax.cuh"
@@ -18,16 +19,16 @@ struct Epilogue {
   // Row sums of both warpgroups, added in a fixed order so both see the same bits.
   __device__ static void total_row_sum(Smem& smem, const OnlineSoftmax<Config>& softmax, int wg, int wg_tid,
                                        float (&total)[2]) {
-    const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
+    const int lane = wg_tid % 32, r0 = AccumFrag::row0(wg_tid, lane);
     float mine[2];
     softmax.quad_sum(mine);
-    if (lane % 4 == 0) {
+    if (AccumFrag::quad_leader(lane)) {
       smem.row_sum[wg][r0] = mine[0];
-      smem.row_sum[wg][r0 + 8] = mine[1];
+      smem.row_sum[wg][r0 + AccumFrag::ROW_STEP] = mine[1];
     }
     named_barrier_sync(NamedBarrier::RowSum, Config::NUM_MMA_THREADS);
     total[0] = smem.row_sum[0][r0] + smem.row_sum[1][r0];
-    total[1] = smem.row_sum[0][r0 + 8] + smem.row_sum[1][r0 + 8];
+    total[1] = smem.row_sum[0][r0 + AccumFrag::ROW_STEP] + smem.row_sum[1][r0 + AccumFrag::ROW_STEP];
   }
 
   // The final output of a request this CTA covered alone, for tiles of more than DIRECT_OUTPUT_MAX_ROWS
@@ -47,18 +48,18 @@ struct Epilogue {
     static_assert(CHUNKS_PER_ROW % 8 == 0, "the swizzle permutes chunks within groups of 8");
     // The lane comes from a volatile read so that none of the addresses below is hoisted out of the
     // request loop, where they would hold registers through the mainloop (ptxas then spills).
-    const int lane = lane_id(), r0 = 16 * (wg_tid / 32) + lane / 4;
+    const int lane = lane_id(), r0 = AccumFrag::row0(wg_tid, lane);
     // Rows r0 and r0 + 8 share r % 8 = lane / 4, and the tile is 1024-byte aligned: the XOR touches
     // only bits 4-6 of an address whose other terms leave them clear.
     const uint32_t frag_base = cute::cast_smem_ptr_to_uint(smem.q) + r0 * ROW_BYTES +
-                               (wg * Config::O_COLS_PER_WG + 2 * (lane % 4)) * int(sizeof(Element));
+                               (wg * Config::O_COLS_PER_WG + AccumFrag::col0(lane)) * int(sizeof(Element));
     const uint32_t swizzle = uint32_t(r0 % 8) << 4;
 #pragma unroll
-    for (int j = 0; j < Config::O_FRAG / 4; ++j) {
-      const uint32_t chunk = (frag_base + 16 * j) ^ swizzle;
+    for (int j = 0; j < Config::O_FRAG / AccumFrag::CHUNK_VALUES; ++j) {
+      const uint32_t chunk = (frag_base + AccumFrag::CHUNK_COLS * int(sizeof(Element)) * j) ^ swizzle;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        st_shared_u32(chunk + 8 * half * ROW_BYTES,
+        st_shared_u32(chunk + AccumFrag::ROW_STEP * half * ROW_BYTES,
                       pack_pair<Element>(o[4 * j + 2 * half] * inv_sum[half], o[4 * j + 2 * half + 1] * inv_sum[half]));
       }
     }
@@ -89,35 +90,37 @@ struct Epilogue {
                                                int wg_tid) {
     float total[2];
     total_row_sum(smem, softmax, wg, wg_tid, total);
-    const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
-    const int col0 = wg * Config::O_COLS_PER_WG + 2 * (lane % 4);
+    const int lane = wg_tid % 32, r0 = AccumFrag::row0(wg_tid, lane);
+    const int col0 = wg * Config::O_COLS_PER_WG + AccumFrag::col0(lane);
     const float inv_sum[2] = {total[0] > 0.f ? 1.f / total[0] : 0.f, total[1] > 0.f ? 1.f / total[1] : 0.f};
 
     if (staged) store_output(smem, params, o, inv_sum, req, m_block, wg, wg_tid);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int row = m_block * Config::BLOCK_M + r0 + 8 * half;
+      const int row = m_block * Config::BLOCK_M + r0 + AccumFrag::ROW_STEP * half;
       if (row >= params.num_q_rows) continue;
       const float lse_log2 = softmax.lse_log2(half, total[half]);
       if (is_split) {
         float* dst = params.o_accum + (int64_t(slot) * params.num_q_rows + row) * D_V + col0;
 #pragma unroll
-        for (int j = 0; j < Config::O_FRAG / 4; ++j) {
-          *reinterpret_cast<float2*>(dst + 8 * j) =
+        for (int j = 0; j < Config::O_FRAG / AccumFrag::CHUNK_VALUES; ++j) {
+          *reinterpret_cast<float2*>(dst + AccumFrag::CHUNK_COLS * j) =
               make_float2(o[4 * j + 2 * half] * inv_sum[half], o[4 * j + 2 * half + 1] * inv_sum[half]);
         }
-        if (wg == 0 && lane % 4 == 0) params.lse_accum[int64_t(slot) * params.num_q_rows + row] = lse_log2;
+        if (wg == 0 && AccumFrag::quad_leader(lane)) {
+          params.lse_accum[int64_t(slot) * params.num_q_rows + row] = lse_log2;
+        }
         continue;
       }
       if (!staged) {
         Element* dst = output_row<Element>(params, req, row) + col0;
 #pragma unroll
-        for (int j = 0; j < Config::O_FRAG / 4; ++j) {
-          *reinterpret_cast<uint32_t*>(dst + 8 * j) =
+        for (int j = 0; j < Config::O_FRAG / AccumFrag::CHUNK_VALUES; ++j) {
+          *reinterpret_cast<uint32_t*>(dst + AccumFrag::CHUNK_COLS * j) =
               pack_pair<Element>(o[4 * j + 2 * half] * inv_sum[half], o[4 * j + 2 * half + 1] * inv_sum[half]);
         }
       }
-      if (wg == 0 && lane % 4 == 0) {
+      if (wg == 0 && AccumFrag::quad_leader(lane)) {
         const int i = row / params.h_q, h = row % params.h_q;
         params.lse[req * params.stride_lse_b + h * params.stride_lse_h + i] =
             total[half] > 0.f ? lse_log2 * LN2 : INFINITY;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "../params.h"
+#include "fragment.h"
 #include "primitives.h"
 #include "shared_storage.h"
 
@@ -92,12 +93,13 @@ struct Mainloop {
   }
 
   // This thread's wgmma A fragments of the Q tile's box Q_REG_BOX, once q_full has passed: for K step k
-  // of the box, rows r0 and r0 + 8 (r0 as in softmax.cuh) at columns 16 k + 2 (lane % 4) + {0, 1}, then
+  // of the box, rows r0 and r0 + 8 (fragment.h) at columns 16 k + 2 (lane % 4) + {0, 1}, then
   // the same rows 8 columns on, each register two 16-bit elements of one row.
   __device__ static void load_q_regs(const Smem& smem, uint32_t (&q_regs)[Config::Q_REGS], int wg_tid) {
-    const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
+    const int lane = wg_tid % 32, r0 = AccumFrag::row0(wg_tid, lane);
     const uint8_t* box = reinterpret_cast<const uint8_t*>(smem.q[Config::Q_REG_BOX]);
-    const int byte_in_chunk = 4 * (lane % 4);  // columns 2 (lane % 4) + {0, 1} of a 16-byte chunk
+    // Columns col0 + {0, 1} of each 16-byte chunk.
+    const int byte_in_chunk = AccumFrag::col0(lane) * int(sizeof(Element));
 #pragma unroll
     for (int k = 0; k < Config::QK_STEPS_PER_BOX; ++k) {
       // A K step's 16 columns are 32 bytes: chunks 2 k and 2 k + 1 of the 128-byte row.
@@ -105,9 +107,9 @@ struct Mainloop {
         return *reinterpret_cast<const uint32_t*>(box + swizzle_128b(row, chunk) + byte_in_chunk);
       };
       q_regs[4 * k + 0] = at(r0, 2 * k);
-      q_regs[4 * k + 1] = at(r0 + 8, 2 * k);
+      q_regs[4 * k + 1] = at(r0 + AccumFrag::ROW_STEP, 2 * k);
       q_regs[4 * k + 2] = at(r0, 2 * k + 1);
-      q_regs[4 * k + 3] = at(r0 + 8, 2 * k + 1);
+      q_regs[4 * k + 3] = at(r0 + AccumFrag::ROW_STEP, 2 * k + 1);
     }
   }
 
@@ -142,18 +144,18 @@ struct Mainloop {
     if (lane == 0 && stage >= 0) Mbarrier::arrive(&smem.kv_empty[stage]);
   }
 
-  // The owner warpgroup: its probabilities (fp32 accumulator layout, see softmax.cuh) as the P tile
+  // The owner warpgroup: its probabilities (fp32 accumulator layout, fragment.h) as the P tile
   // in the stage's P_BOX, rounded to the input type for the PV wgmma of both warpgroups.
   __device__ static void store_p(Smem& smem, int stage, const float (&p)[Config::S_FRAG], int wg_tid) {
-    const int lane = wg_tid % 32, r0 = 16 * (wg_tid / 32) + lane / 4;
+    const int lane = wg_tid % 32, r0 = AccumFrag::row0(wg_tid, lane);
     char* tile = reinterpret_cast<char*>(smem.kv[stage][Config::P_BOX]);
 #pragma unroll
-    for (int j = 0; j < Config::S_FRAG / 4; ++j) {
-      const int col = 8 * j + 2 * (lane % 4);
+    for (int j = 0; j < Config::S_FRAG / AccumFrag::CHUNK_VALUES; ++j) {
+      const int col = AccumFrag::CHUNK_COLS * j + AccumFrag::col0(lane);
       const int byte_in_chunk = (col % 8) * int(sizeof(Element));
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int row = r0 + 8 * half;
+        const int row = r0 + AccumFrag::ROW_STEP * half;
         const auto pair = pack_pair<Element>(p[4 * j + 2 * half], p[4 * j + 2 * half + 1]);
         *reinterpret_cast<uint32_t*>(tile + swizzle_128b(row, col / 8) + byte_in_chunk) = pair;
       }

@@ -1,9 +1,8 @@
 // Online softmax over the pages of one request, in the log2 domain.
 //
-// Register layout (wgmma accumulator of a 64xN tile): thread t of a warpgroup owns rows
-// r0 = 16 * (t / 32) + (t % 32) / 4 and r1 = r0 + 8; for every 8-column chunk j it holds columns
-// 8j + 2 * (t % 4) + {0, 1} at fragment indices 4j + {0, 1} (row r0) and 4j + {2, 3} (row r1).
-// A row of S is thus spread over the 4 threads of a quad of the page's owner warpgroup. Both
+// S is a wgmma accumulator (fragment.h): each thread holds two rows, r0 and r1 = r0 + 8, at fragment
+// values 4j + {0, 1} and 4j + {2, 3} of chunk j, and a row of S is spread over the 4 threads of a quad
+// of the page's owner warpgroup. Both
 // warpgroups keep the same running maxima (the owner computes them, the other follows) and each sums
 // the probabilities of the pages it owned; the epilogue adds the two sums.
 #pragma once
@@ -11,12 +10,13 @@
 #include <cmath>
 
 #include "config.h"
+#include "fragment.h"
 
 namespace vllm_flashmla::sm90 {
 
 template <typename Config>
 struct OnlineSoftmax {
-  static constexpr int ROWS = 2;  // rows per thread: r0 and r1 above
+  static constexpr int ROWS = AccumFrag::ROWS_PER_THREAD;  // r0 and r1 above
   static constexpr int S_FRAG = Config::S_FRAG;
 
   float scale_log2;       // softmax_scale * log2(e): scores become log2-domain logits
@@ -35,10 +35,10 @@ struct OnlineSoftmax {
   // Keys at or beyond a row's visible length get -inf (causal tail, page past the sequence end).
   __device__ static void mask(float (&s)[S_FRAG], int first_key, const int (&visible)[ROWS], int lane) {
 #pragma unroll
-    for (int j = 0; j < S_FRAG / 4; ++j) {
+    for (int j = 0; j < S_FRAG / AccumFrag::CHUNK_VALUES; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int key = first_key + 8 * j + 2 * (lane % 4) + e;
+        const int key = first_key + AccumFrag::CHUNK_COLS * j + AccumFrag::col0(lane) + e;
         if (key >= visible[0]) s[4 * j + e] = -INFINITY;
         if (key >= visible[1]) s[4 * j + 2 + e] = -INFINITY;
       }
@@ -49,7 +49,7 @@ struct OnlineSoftmax {
   __device__ static void local_max(const float (&s)[S_FRAG], float (&mx)[ROWS]) {
     mx[0] = mx[1] = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < S_FRAG / 4; ++j) {
+    for (int j = 0; j < S_FRAG / AccumFrag::CHUNK_VALUES; ++j) {
       mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
       mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
     }
@@ -68,7 +68,7 @@ struct OnlineSoftmax {
     float max_scaled[ROWS];
     const bool moved = advance_max(page_max, o_scale, max_scaled);
 #pragma unroll
-    for (int j = 0; j < S_FRAG / 4; ++j) {
+    for (int j = 0; j < S_FRAG / AccumFrag::CHUNK_VALUES; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         s[4 * j + e] = exp2f(fmaf(s[4 * j + e], scale_log2, -max_scaled[0]));
