@@ -4,7 +4,8 @@
     python benchmarks/make_table.py benchmarks/results/decode_<gpu>_<time>.json
 
 One line per shape: time of every implementation, GB/s and TFLOPS of ours, and the speedup of ours
-over the best peer (best peer us / ours us; > 1 means ours is faster), then the geomean. Pure Python,
+over the best peer (best peer us / ours us; > 1 means ours is faster), then the geomean and a summary
+per regime (GROUPS). Pure Python,
 no torch: bench_decode.py and plot_results.py import the summary helpers from here.
 """
 
@@ -107,6 +108,62 @@ def summary_dict(rows: list[dict]) -> dict:
     }
 
 
+# Regimes the README describes, by FlashMLA's measure of work per KV byte (query rows h_q * s_q per
+# request): memory-bound up to 64 rows, compute-bound from 128, for large batches; and small batches.
+GROUPS = (
+    ("b >= 64, h_q * s_q <= 64, uniform", lambda s: s["b"] >= 64 and s["h_q"] * s["s_q"] <= 64 and not s["varlen"]),
+    ("b >= 64, h_q * s_q <= 64, varlen", lambda s: s["b"] >= 64 and s["h_q"] * s["s_q"] <= 64 and s["varlen"]),
+    ("b >= 64, h_q * s_q >= 128, uniform", lambda s: s["b"] >= 64 and s["h_q"] * s["s_q"] >= 128 and not s["varlen"]),
+    ("b >= 64, h_q * s_q >= 128, varlen", lambda s: s["b"] >= 64 and s["h_q"] * s["s_q"] >= 128 and s["varlen"]),
+    ("b <= 32, h_q = 16", lambda s: s["b"] <= 32 and s["h_q"] == 16),
+    ("b <= 32, h_q = 128", lambda s: s["b"] <= 32 and s["h_q"] == 128),
+)
+
+
+def groups(rows: list[dict]) -> list[dict]:
+    """Per GROUPS entry with at least one compared shape: its label, shape count, geomean and range of
+    ours' speedup over the best peer, shapes below 1.000x, and the range of ours' GB/s and TFLOPS."""
+    result = []
+    for label, member in GROUPS:
+        shapes = [s for s in per_shape(rows) if member(s["shape"]) and s["speedup"] is not None]
+        if not shapes:
+            continue
+        speedups = [s["speedup"] for s in shapes]
+        ours = [s["rows"]["ours"] for s in shapes]
+        gbps = [r["gbps"] for r in ours if r.get("gbps") is not None]
+        tflops = [r["tflops"] for r in ours if r.get("tflops") is not None]
+        result.append(
+            {
+                "group": label,
+                "shapes": len(shapes),
+                "geomean_speedup": geomean(speedups),
+                "speedup_range": (min(speedups), max(speedups)),
+                "below_parity": sum(v < 1.0 for v in speedups),
+                "gbps_range": (min(gbps), max(gbps)) if gbps else None,
+                "tflops_range": (min(tflops), max(tflops)) if tflops else None,
+            }
+        )
+    return result
+
+
+def _range(pair: tuple | None, digits: int, unit: str = "") -> str:
+    return "—" if pair is None else f"{pair[0]:.{digits}f}{unit}-{pair[1]:.{digits}f}{unit}"
+
+
+def groups_markdown(rows: list[dict]) -> str:
+    """The groups() table: what the README's prose about each regime quotes."""
+    lines = [
+        "| shapes | n | geomean | speedup range | below 1.000× | ours GB/s | ours TFLOPS |",
+        "|---|---:|---:|---|---:|---|---|",
+    ]
+    for g in groups(rows):
+        lines.append(
+            f"| {g['group']} | {g['shapes']} | {g['geomean_speedup']:.3f}× | {_range(g['speedup_range'], 3, '×')} | "
+            f"{g['below_parity']} | {_range(g['gbps_range'], 0)} | {_range(g['tflops_range'], 0)} |"
+        )
+    return "\n".join(lines)
+
+
 def _fmt(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -169,6 +226,8 @@ def markdown(rows: list[dict], header: dict | None = None) -> str:
         f"Speedup = {SPEEDUP_DEFINITION}, three decimals so that a shape just below parity shows as one. "
         f"Geomean over {summary['shapes_compared']} shapes" + (f" ({vs})" if vs else "") + below + "."
     )
+    if groups(rows):
+        lines += ["", "By regime (speedup over the best peer per shape):", "", groups_markdown(rows)]
     problems = [r for r in rows if r.get("error") and not r["error"].startswith("unavailable")]
     unavailable = {r["impl"]: r["error"] for r in rows if r.get("error", "") and r["error"].startswith("unavailable")}
     for r in problems:

@@ -50,3 +50,22 @@ def test_caption_says_when_both_orders_were_timed():
     assert "each shape timed in both implementation orders (mean)" in make_table.caption(
         {**doc, "method": {"both_orders": True}}
     )
+
+
+def test_groups_split_the_grid_by_regime():
+    rows = [
+        {**row(128, "ours", 100.0), "h_q": 16, "gbps": 4000.0, "tflops": 120.0},
+        {**row(128, "flashmla", 98.0), "h_q": 16},
+        {**row(128, "ours", 500.0), "h_q": 128, "s_q": 2, "gbps": 2000.0, "tflops": 550.0},
+        {**row(128, "flashmla", 550.0), "h_q": 128, "s_q": 2},
+        {**row(16, "ours", 10.0), "h_q": 16, "gbps": 3000.0, "tflops": 100.0},
+        {**row(16, "fa3mla", 15.0), "h_q": 16},
+    ]
+    by_label = {g["group"]: g for g in make_table.groups(rows)}
+    assert set(by_label) == {"b >= 64, h_q * s_q <= 64, uniform", "b >= 64, h_q * s_q >= 128, uniform", "b <= 32, h_q = 16"}
+    mem = by_label["b >= 64, h_q * s_q <= 64, uniform"]
+    assert mem["shapes"] == 1 and mem["below_parity"] == 1 and mem["speedup_range"] == (0.98, 0.98)
+    assert by_label["b >= 64, h_q * s_q >= 128, uniform"]["tflops_range"] == (550.0, 550.0)
+    assert by_label["b <= 32, h_q = 16"]["geomean_speedup"] == pytest.approx(1.5)
+    text = make_table.markdown(rows)
+    assert "| b >= 64, h_q * s_q <= 64, uniform | 1 | 0.980× | 0.980×-0.980× | 1 | 4000-4000 | 120-120 |" in text
