@@ -832,7 +832,7 @@ def parse_args(argv=None):
     if unknown or not names or len(set(names)) != len(names):
         p.error(f"--impls: got {args.impls!r}; expected distinct names from {','.join(IMPL_NAMES)}")
     # On a power-limited GPU each implementation's timing heats the GPU for the next one, and the order
-    # moved compute-bound shapes by up to 4% on the H200s (docs/perf-notes.md, round 16), so it is the
+    # moved single shapes by up to 6% on the H200s (docs/perf-notes.md, round 16), so it is the
     # caller's to choose and is recorded with the command.
     args.impl_names = names
     if args.reps < 1 or args.target_ms <= 0:
