@@ -110,11 +110,19 @@ def summary_dict(rows: list[dict]) -> dict:
 
 # Regimes the README describes, by FlashMLA's measure of work per KV byte (query rows h_q * s_q per
 # request): memory-bound up to 64 rows, compute-bound from 128, for large batches; and small batches.
+def _large_batch(memory_bound: bool, varlen: bool):
+    def member(s: dict) -> bool:
+        rows = s["h_q"] * s["s_q"]
+        return s["b"] >= 64 and (rows <= 64 if memory_bound else rows >= 128) and s["varlen"] == varlen
+
+    return member
+
+
 GROUPS = (
-    ("b >= 64, h_q * s_q <= 64, uniform", lambda s: s["b"] >= 64 and s["h_q"] * s["s_q"] <= 64 and not s["varlen"]),
-    ("b >= 64, h_q * s_q <= 64, varlen", lambda s: s["b"] >= 64 and s["h_q"] * s["s_q"] <= 64 and s["varlen"]),
-    ("b >= 64, h_q * s_q >= 128, uniform", lambda s: s["b"] >= 64 and s["h_q"] * s["s_q"] >= 128 and not s["varlen"]),
-    ("b >= 64, h_q * s_q >= 128, varlen", lambda s: s["b"] >= 64 and s["h_q"] * s["s_q"] >= 128 and s["varlen"]),
+    ("b >= 64, h_q * s_q <= 64, uniform", _large_batch(memory_bound=True, varlen=False)),
+    ("b >= 64, h_q * s_q <= 64, varlen", _large_batch(memory_bound=True, varlen=True)),
+    ("b >= 64, h_q * s_q >= 128, uniform", _large_batch(memory_bound=False, varlen=False)),
+    ("b >= 64, h_q * s_q >= 128, varlen", _large_batch(memory_bound=False, varlen=True)),
     ("b <= 32, h_q = 16", lambda s: s["b"] <= 32 and s["h_q"] == 16),
     ("b <= 32, h_q = 128", lambda s: s["b"] <= 32 and s["h_q"] == 128),
 )
@@ -123,9 +131,10 @@ GROUPS = (
 def groups(rows: list[dict]) -> list[dict]:
     """Per GROUPS entry with at least one compared shape: its label, shape count, geomean and range of
     ours' speedup over the best peer, shapes below 1.000x, and the range of ours' GB/s and TFLOPS."""
+    compared = [s for s in per_shape(rows) if s["speedup"] is not None]
     result = []
     for label, member in GROUPS:
-        shapes = [s for s in per_shape(rows) if member(s["shape"]) and s["speedup"] is not None]
+        shapes = [s for s in compared if member(s["shape"])]
         if not shapes:
             continue
         speedups = [s["speedup"] for s in shapes]
@@ -150,13 +159,13 @@ def _range(pair: tuple | None, digits: int, unit: str = "") -> str:
     return "—" if pair is None else f"{pair[0]:.{digits}f}{unit}-{pair[1]:.{digits}f}{unit}"
 
 
-def groups_markdown(rows: list[dict]) -> str:
-    """The groups() table: what the README's prose about each regime quotes."""
+def groups_markdown(summary: list[dict]) -> str:
+    """The table of groups(rows): what the README's prose about each regime quotes."""
     lines = [
         "| shapes | n | geomean | speedup range | below 1.000× | ours GB/s | ours TFLOPS |",
         "|---|---:|---:|---|---:|---|---|",
     ]
-    for g in groups(rows):
+    for g in summary:
         lines.append(
             f"| {g['group']} | {g['shapes']} | {g['geomean_speedup']:.3f}× | {_range(g['speedup_range'], 3, '×')} | "
             f"{g['below_parity']} | {_range(g['gbps_range'], 0)} | {_range(g['tflops_range'], 0)} |"
@@ -226,8 +235,9 @@ def markdown(rows: list[dict], header: dict | None = None) -> str:
         f"Speedup = {SPEEDUP_DEFINITION}, three decimals so that a shape just below parity shows as one. "
         f"Geomean over {summary['shapes_compared']} shapes" + (f" ({vs})" if vs else "") + below + "."
     )
-    if groups(rows):
-        lines += ["", "By regime (speedup over the best peer per shape):", "", groups_markdown(rows)]
+    regimes = groups(rows)
+    if regimes:
+        lines += ["", "By regime (speedup over the best peer per shape):", "", groups_markdown(regimes)]
     problems = [r for r in rows if r.get("error") and not r["error"].startswith("unavailable")]
     unavailable = {r["impl"]: r["error"] for r in rows if r.get("error", "") and r["error"].startswith("unavailable")}
     for r in problems:

@@ -2,9 +2,9 @@
 //
 // S is a wgmma accumulator (fragment.h): each thread holds two rows, r0 and r1 = r0 + 8, at fragment
 // values 4j + {0, 1} and 4j + {2, 3} of chunk j, and a row of S is spread over the 4 threads of a quad
-// of the page's owner warpgroup. Both
-// warpgroups keep the same running maxima (the owner computes them, the other follows) and each sums
-// the probabilities of the pages it owned; the epilogue adds the two sums.
+// of the page's owner warpgroup. Both warpgroups keep the same running maxima (the owner computes them,
+// the other follows) and each sums the probabilities of the pages it owned; the epilogue adds the two
+// sums.
 #pragma once
 
 #include <cmath>
