@@ -23,6 +23,8 @@
 #include <random>
 #include <vector>
 
+#include "../csrc/config.h"  // PAGE_SIZE, D_QK: the problem constants the decode kernel uses
+
 #define CHECK_CUDA(x)                                                                   \
   do {                                                                                  \
     const cudaError_t e = (x);                                                          \
@@ -32,8 +34,8 @@
     }                                                                                   \
   } while (0)
 
-constexpr int PAGE_SIZE = 64;                              // keys per page
-constexpr int D_QK = 576;                                  // bf16 columns per key
+using vllm_flashmla::D_QK;       // bf16 columns per key
+using vllm_flashmla::PAGE_SIZE;  // keys per page
 constexpr int BOX_COLS = 64;                               // 128 bytes: one SWIZZLE_128B row
 constexpr int BOXES_PER_PAGE = D_QK / BOX_COLS;            // 9
 constexpr int BOX_BYTES = PAGE_SIZE * BOX_COLS * 2;        // 8 KiB
