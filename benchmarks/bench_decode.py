@@ -819,10 +819,12 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--both-orders",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="time every shape twice, in the --impls order and then reversed, and report each implementation's "
-        "mean (us_passes holds both): on a power-limited GPU the implementation timed first on a shape gains "
-        "about 1%% (docs/perf-notes.md, round 16); doubles the run time",
+        "mean (us_passes holds both; default): on a power-limited GPU the implementation timed first on a shape "
+        "gains about 1%% (docs/perf-notes.md, round 16). --no-both-orders times the --impls order only, in half "
+        "the time",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="print the selected shapes and exit (no GPU needed)")
@@ -832,8 +834,8 @@ def parse_args(argv=None):
     if unknown or not names or len(set(names)) != len(names):
         p.error(f"--impls: got {args.impls!r}; expected distinct names from {','.join(IMPL_NAMES)}")
     # On a power-limited GPU each implementation's timing heats the GPU for the next one, and the order
-    # moved single shapes by up to 6% on the H200s (docs/perf-notes.md, round 16), so it is the
-    # caller's to choose and is recorded with the command.
+    # moved single shapes by up to 6% on the H200s (docs/perf-notes.md, round 16), so by default every
+    # shape is timed in both orders; the order is recorded with the command either way.
     args.impl_names = names
     if args.reps < 1 or args.target_ms <= 0:
         p.error("--reps must be >= 1 and --target-ms > 0")

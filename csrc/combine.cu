@@ -152,7 +152,6 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
     }
     if (!active || split_lane != 0) continue;
 
-    const int i = row / params.h_q, h = row % params.h_q;
     Element* dst = output_row<Element>(params, req, row) + col;
 #pragma unroll
     for (int v = 0; v < VECS; ++v) {
@@ -161,8 +160,7 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const __grid_c
       *reinterpret_cast<uint2*>(dst + v * COLS_PER_VEC) = *reinterpret_cast<const uint2*>(packed);
     }
     if (lane == 0 && blockIdx.z == 0) {
-      params.lse[req * params.stride_lse_b + h * params.stride_lse_h + i] =
-          lse_log2 != -INFINITY ? lse_log2 * LN2 : INFINITY;
+      *output_lse(params, req, row) = lse_log2 != -INFINITY ? lse_log2 * LN2 : INFINITY;
     }
   }
 }

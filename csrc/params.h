@@ -61,6 +61,13 @@ VLLM_FLASHMLA_HOST_DEVICE Element* output_row(const Params& params, int req, int
   return static_cast<Element*>(params.out) + req * params.stride_o_b + i * params.stride_o_s + h * params.stride_o_h;
 }
 
+// The LSE of that row in lse [b, h_q, s_q], for the same two writers.
+template <typename Params>
+VLLM_FLASHMLA_HOST_DEVICE float* output_lse(const Params& params, int req, int row) {
+  const int i = row / params.h_q, h = row % params.h_q;
+  return params.lse + req * params.stride_lse_b + h * params.stride_lse_h + i;
+}
+
 // The stride (elements) between q's packed (s_q, h_q) rows, which the decode kernel loads by TMA as one
 // tensor of rows: the head stride, or the s_q stride when there is one head. -1 when the rows are not
 // uniformly strided (s_q > 1, h_q > 1 and an s_q stride other than h_q head strides).

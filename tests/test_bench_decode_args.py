@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -31,8 +32,9 @@ def test_both_orders_mirror_every_position():
         ["ours", "flashmla", "fa3mla"],
         ["fa3mla", "flashmla", "ours"],
     ]
+    assert bench_decode.parse_args([]).both_orders  # the default: a record without the order's bias
     assert bench_decode.parse_args(["--both-orders"]).both_orders
-    assert not bench_decode.parse_args([]).both_orders
+    assert not bench_decode.parse_args(["--no-both-orders"]).both_orders
 
 
 def timed_row(us, err=1e-3, note=None, **extra):
@@ -71,11 +73,9 @@ def test_a_failed_pass_makes_the_row_failed(bad):
     assert merged["error"] == "check failed: max|err| 1.0" and merged["us"] is None
 
 
-def test_run_shape_times_each_impl_in_both_positions(monkeypatch):
-    """The orchestration of --both-orders with the GPU parts stubbed: call order, and each row the mean of
-    its implementation's two timings, with bandwidth from the mean."""
-    import numpy as np
-
+def run_shape_stubbed(monkeypatch, argv):
+    """run_shape with the GPU parts stubbed: returns the implementations in the order they were timed
+    (the n-th timing takes 100 + 10 n us) and the rows."""
     shape = bench_decode.Shape(128, 4096, 16, 1, False)
     calls = []
 
@@ -91,14 +91,27 @@ def test_run_shape_times_each_impl_in_both_positions(monkeypatch):
     monkeypatch.setattr(bench_decode, "reference_baseline", lambda inp: object())
     monkeypatch.setattr(bench_decode, "bench_impl", fake_bench_impl)
     monkeypatch.setattr(bench_decode.torch.cuda, "empty_cache", lambda: None)
-    args = bench_decode.parse_args(["--impls", "ours,flashmla,fa3mla", "--both-orders"])
+    args = bench_decode.parse_args(argv)
     impls = {n: n for n in args.impl_names}
     rows = bench_decode.run_shape(shape, impls, {}, args.impl_names, args, 50 * 2**20)
+    nbytes, _ = bench_decode.work(shape, FakeInputs.seqlens_cpu)
+    return calls, {r["impl"]: r for r in rows}, [r["impl"] for r in rows], nbytes
 
+
+@pytest.mark.parametrize("argv", [["--impls", "ours,flashmla,fa3mla"], ["--both-orders"]])
+def test_run_shape_times_each_impl_in_both_positions(monkeypatch, argv):
+    """By default (and with --both-orders) every implementation is timed in both positions and each row
+    is the mean of its two timings, with bandwidth from the mean."""
+    calls, by_impl, order, nbytes = run_shape_stubbed(monkeypatch, argv)
     assert calls == ["ours", "flashmla", "fa3mla", "fa3mla", "flashmla", "ours"]
-    by_impl = {r["impl"]: r for r in rows}
-    assert [r["impl"] for r in rows] == ["ours", "flashmla", "fa3mla"]
+    assert order == ["ours", "flashmla", "fa3mla"]
     assert by_impl["ours"]["us_passes"] == [110.0, 160.0] and by_impl["ours"]["us"] == 135.0
     assert by_impl["flashmla"]["us"] == 135.0 and by_impl["fa3mla"]["us"] == 135.0
-    nbytes, _ = bench_decode.work(shape, FakeInputs.seqlens_cpu)
     assert by_impl["ours"]["gbps"] == round(nbytes / 135e-6 / 1e9, 2)
+
+
+def test_run_shape_with_no_both_orders_times_each_impl_once(monkeypatch):
+    calls, by_impl, order, nbytes = run_shape_stubbed(monkeypatch, ["--impls", "flashmla,ours", "--no-both-orders"])
+    assert calls == order == ["flashmla", "ours"]
+    assert by_impl["flashmla"]["us"] == 110.0 and by_impl["ours"]["us"] == 120.0
+    assert by_impl["ours"]["gbps"] == round(nbytes / 120e-6 / 1e9, 2)

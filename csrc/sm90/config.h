@@ -84,7 +84,10 @@ struct DecodeConfig {
   // memory-bound, they lost 0.9-1.3% with it.
   static constexpr int Q_REG_BOX = ROPE_BOX;                              // of Q
   static constexpr int Q_REG_FIRST_STEP = Q_REG_BOX * QK_STEPS_PER_BOX;   // its first K step, 32
-  static constexpr int Q_REGS = QK_STEPS_PER_BOX * 4;                     // 4 A registers per K step: 16
+  // A 64x16 wgmma A fragment of 16-bit elements, spread over a warpgroup: 4 registers per thread.
+  static constexpr int A_REGS_PER_STEP =
+      BLOCK_M * MMA_K * int(sizeof(Element)) / (WARPGROUP_THREADS * int(sizeof(uint32_t)));
+  static constexpr int Q_REGS = QK_STEPS_PER_BOX * A_REGS_PER_STEP;       // 16
   static constexpr int P_BOX = ROPE_BOX;                                  // of a page, reused for P
   // Final outputs of tiles with at most this many real rows are stored from the accumulator registers;
   // larger ones go through shared memory as whole rows (see the epilogue).
@@ -105,6 +108,7 @@ struct DecodeConfig {
   static_assert(O_COLS_PER_WG % BOX_COLS == 0, "each warpgroup owns whole V boxes");
   static_assert(O_COLS_PER_WG <= 256, "wgmma N is at most 256");
   static_assert(0 < QK_HEAD_STEPS && QK_HEAD_STEPS < QK_STEPS, "the QK^T head is a proper part of the K steps");
+  static_assert(A_REGS_PER_STEP == 4, "an RS wgmma takes its A fragment as four 32-bit registers (primitives.h)");
   static_assert(QK_HEAD_STEPS <= Q_REG_FIRST_STEP && Q_REG_FIRST_STEP + QK_STEPS_PER_BOX == QK_STEPS,
                 "the register box is the last box of QK^T, after its head");
   static_assert(NUM_MMA_THREADS % 128 == 0, "wgmma needs whole warpgroups");

@@ -84,6 +84,9 @@ struct Epilogue {
     return !is_split && params.num_q_rows - m_block * Config::BLOCK_M > Config::DIRECT_OUTPUT_MAX_ROWS;
   }
 
+  // `staged` is stages_output(params, m_block, is_split), which the kernel computes once per request for
+  // its release of Q. Recomputed here instead, it gave the kernels an 8-24 byte stack frame (ptxas, nvcc
+  // 13.0), so it is passed in.
   __device__ __forceinline__ static void store(Smem& smem, const DecodeParams& params,
                                                const OnlineSoftmax<Config>& softmax, const float (&o)[Config::O_FRAG],
                                                int req, int m_block, bool is_split, bool staged, int slot, int wg,
@@ -121,9 +124,7 @@ struct Epilogue {
         }
       }
       if (wg == 0 && AccumFrag::quad_leader(lane)) {
-        const int i = row / params.h_q, h = row % params.h_q;
-        params.lse[req * params.stride_lse_b + h * params.stride_lse_h + i] =
-            total[half] > 0.f ? lse_log2 * LN2 : INFINITY;
+        *output_lse(params, req, row) = total[half] > 0.f ? lse_log2 * LN2 : INFINITY;
       }
     }
   }

@@ -82,7 +82,8 @@ struct Mainloop {
       const int k_bytes = (t % Config::QK_STEPS_PER_BOX) * Config::MMA_K * int(sizeof(Element));
       const uint64_t desc_k = desc_advance(smem_desc_k_major(smem.kv[stage][box]), k_bytes);
       if (REG_STEPS && t >= Config::Q_REG_FIRST_STEP) {
-        gmma_rs<typename Atoms::QK_RS>(&q_regs[4 * (t - Config::Q_REG_FIRST_STEP)], desc_k, s, ScaleOut::One);
+        constexpr int A = Config::A_REGS_PER_STEP;
+        gmma_rs<typename Atoms::QK_RS>(&q_regs[A * (t - Config::Q_REG_FIRST_STEP)], desc_k, s, ScaleOut::One);
       } else {
         const uint64_t desc_q = desc_advance(smem_desc_k_major(smem.q[box]), k_bytes);
         gmma<typename Atoms::QK>(desc_q, desc_k, s, t == 0 ? ScaleOut::Zero : ScaleOut::One);
@@ -106,10 +107,11 @@ struct Mainloop {
       const auto at = [&](int row, int chunk) {
         return *reinterpret_cast<const uint32_t*>(box + swizzle_128b(row, chunk) + byte_in_chunk);
       };
-      q_regs[4 * k + 0] = at(r0, 2 * k);
-      q_regs[4 * k + 1] = at(r0 + AccumFrag::ROW_STEP, 2 * k);
-      q_regs[4 * k + 2] = at(r0, 2 * k + 1);
-      q_regs[4 * k + 3] = at(r0 + AccumFrag::ROW_STEP, 2 * k + 1);
+      constexpr int A = Config::A_REGS_PER_STEP;
+      q_regs[A * k + 0] = at(r0, 2 * k);
+      q_regs[A * k + 1] = at(r0 + AccumFrag::ROW_STEP, 2 * k);
+      q_regs[A * k + 2] = at(r0, 2 * k + 1);
+      q_regs[A * k + 3] = at(r0 + AccumFrag::ROW_STEP, 2 * k + 1);
     }
   }
 
