@@ -7,8 +7,10 @@ block table, seqlens). For each (shape, implementation):
 1. The scheduler metadata is computed once, outside the graph, as vLLM's metadata builder does.
 2. The output of a CUDA-graph replay is checked against vllm_flashmla.reference on a few requests;
    a bad mismatch turns the row into an error record and the implementation is not timed.
-3. One CUDA graph holds `calls` back-to-back decode steps (every kernel the implementation launches:
-   ours = decode + combine, FlashMLA = split-KV + combine, FA3 = forward + combine). The steps cycle
+3. One CUDA graph holds `calls` back-to-back decode steps, each everything the implementation's vLLM
+   backend runs in forward_mqa from q as vLLM hands it over (two strided views, ql_nope and q_pe):
+   ours = q concat + decode + combine, FlashMLA = q concat + split-KV + combine, FA3 = forward +
+   combine (it takes the two views as they are). The steps cycle
    over enough KV-cache copies that their total size is >= 4x the L2 cache, so no step reads KV left
    in L2 by the previous one - the situation of consecutive layers in a real model. CUDA events
    around N replays give the time per step; the reported `us` is the median over `--reps` runs.
@@ -56,6 +58,12 @@ IMPL_NAMES = ("ours", "flashmla", "fa3mla")
 # vLLM's FA3-MLA builder passes this as num_splits when full CUDA graphs are on
 # (AttentionConfig.flash_attn_max_num_splits_for_cuda_graph in vllm/config/attention.py).
 VLLM_FA3_CUDAGRAPH_MAX_SPLITS = 32
+
+# vLLM 0.26.0's DeepSeek MLA decode (MLAAttention.forward in vllm/model_executor/layers/attention/
+# mla_attention.py) hands the backend q as two strided views: ql_nope [T, h_q, 512], the transpose of
+# the absorbed BMM's [h_q, T, 512] output, and q_pe [T, h_q, 64], the RoPE columns of the projected
+# [T, h_q, qk_nope_head_dim + 64] q. Each implementation takes them the way its vLLM backend does.
+VLLM_QK_NOPE_HEAD_DIM = 128  # DeepSeek-V2/V3's per-head non-RoPE q width before absorption
 
 MIN_CALLS_PER_GRAPH = 8  # amortises the graph launch; with >= 4x L2 of KV in rotation anyway
 L2_ROTATION_FACTOR = 4
@@ -156,7 +164,10 @@ def select_shapes(shapes: list[Shape], filters: list[dict[str, set]]) -> list[Sh
 class Inputs:
     shape: Shape
     seqlens_cpu: np.ndarray  # int64 [b]
-    q: torch.Tensor  # [b, s_q, h_q, 576] bf16
+    q: torch.Tensor  # [b, s_q, h_q, 576] bf16, contiguous: the reference's input
+    # The same values as vLLM passes them to the backend (VLLM_QK_NOPE_HEAD_DIM above), T = b * s_q:
+    q_nope: torch.Tensor  # [T, h_q, 512], strides (512, T * 512, 1)
+    q_pe: torch.Tensor  # [T, h_q, 64], strides (h_q * (128 + 64), 128 + 64, 1)
     k_cache: torch.Tensor  # [num_pages, 64, 1, 576] bf16; V = first 512 columns
     block_table: torch.Tensor  # [b, max_pages] int32, a random permutation of the pages
     seqlens: torch.Tensor  # [b] int32
@@ -203,16 +214,36 @@ def make_inputs(shape: Shape, seed: int, device: torch.device | str) -> Inputs:
     gen.manual_seed(int(seq.generate_state(1)[0]))
     q = torch.randn((shape.b, shape.s_q, shape.h_q, D_QK), generator=gen, device=device, dtype=torch.bfloat16)
     k_cache = torch.randn((num_pages, PAGE_SIZE, 1, D_QK), generator=gen, device=device, dtype=torch.bfloat16)
+    q_nope, q_pe = vllm_query_views(q)
     return Inputs(
         shape=shape,
         seqlens_cpu=seqlens,
         q=q,
+        q_nope=q_nope,
+        q_pe=q_pe,
         k_cache=k_cache,
         block_table=torch.from_numpy(block_table).to(device),
         seqlens=torch.from_numpy(seqlens.astype(np.int32)).to(device),
         cu_seqlens_q=torch.arange(0, shape.b + 1, dtype=torch.int32, device=device) * shape.s_q,
         causal=shape.s_q > 1,
     )
+
+
+def vllm_query_views(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [b, s_q, h_q, 576] laid out as vLLM's MLA decode hands it to a backend: (ql_nope, q_pe)."""
+    b, s_q, h_q, _ = q.shape
+    tokens = q.reshape(b * s_q, h_q, D_QK)
+    bmm_out = tokens[..., :D_V].transpose(0, 1).contiguous()  # [h_q, T, 512], as torch.bmm writes it
+    projected = torch.zeros(b * s_q, h_q, VLLM_QK_NOPE_HEAD_DIM + D_ROPE, dtype=q.dtype, device=q.device)
+    projected[..., VLLM_QK_NOPE_HEAD_DIM:] = tokens[..., D_V:]
+    return bmm_out.transpose(0, 1), projected[..., VLLM_QK_NOPE_HEAD_DIM:]
+
+
+def concat_query(inp: Inputs) -> torch.Tensor:
+    """What vllm_flashmla's and vLLM's FlashMLA backends do first in forward_mqa: one contiguous
+    [b, s_q, h_q, 576] q from the two views (a copy kernel inside every decode step)."""
+    s = inp.shape
+    return torch.cat((inp.q_nope, inp.q_pe), dim=-1).view(s.b, s.s_q, s.h_q, D_QK)
 
 
 def work(shape: Shape, seqlens: np.ndarray) -> tuple[int, int]:
@@ -257,7 +288,7 @@ class Ours:
     def decode(self, inp: Inputs, kv: torch.Tensor, meta, out: torch.Tensor):
         tile_scheduler_metadata, num_splits = meta
         return self.flash_mla_with_kvcache(
-            inp.q,
+            concat_query(inp),  # as vllm_flashmla/backend.py's forward_mqa
             kv,
             inp.block_table,
             inp.seqlens,
@@ -300,7 +331,7 @@ class FlashMLA:
 
     def decode(self, inp: Inputs, kv: torch.Tensor, sched_meta, out: torch.Tensor):
         return self.flash_mla_with_kvcache(
-            q=inp.q,
+            q=concat_query(inp),  # as vLLM's FlashMLAImpl.forward_mqa
             k_cache=kv,
             block_table=inp.block_table,
             cache_seqlens=inp.seqlens,
@@ -356,12 +387,11 @@ class FA3MLA:
 
     def decode(self, inp: Inputs, kv: torch.Tensor, scheduler_metadata, out: torch.Tensor):
         s = inp.shape
-        q = inp.q.view(s.b * s.s_q, s.h_q, D_QK)
-        o, lse = self.flash_attn_varlen_func(
-            q=q[..., D_V:],  # q_pe against k = the RoPE columns of the cache
+        o, lse = self.flash_attn_varlen_func(  # takes vLLM's two q views as they are, no copy
+            q=inp.q_pe,  # against k = the RoPE columns of the cache
             k=kv[..., D_V:],
             v=kv[..., :D_V],  # the latent is both V and the "K" of q_v
-            q_v=q[..., :D_V],
+            q_v=inp.q_nope,
             max_seqlen_q=s.s_q,
             cu_seqlens_q=inp.cu_seqlens_q,
             max_seqlen_k=inp.max_seqlen,
@@ -746,6 +776,9 @@ def environment(args, status: dict) -> dict:
             "varlen": "seqlens ~ round(Normal(s_k, s_k/2)) clipped to [s_q, 2*s_k]",
             "check": f"{CHECK_REQUESTS} requests vs vllm_flashmla.reference (fp32), "
             f"fail if max|err| > {REL_TOL} * max|ref|",
+            "q": "vLLM 0.26.0's two views, ql_nope [T, h_q, 512] (transposed [h_q, T, 512] BMM output) and "
+            f"q_pe [T, h_q, 64] (of a [T, h_q, {VLLM_QK_NOPE_HEAD_DIM + D_ROPE}] projection); ours and flashmla "
+            "concatenate them inside every step as their vLLM backends do, fa3mla takes them as they are",
             "bytes": "(sum(seqlens)*576 + b*s_q*h_q*576 + b*s_q*h_q*512) * 2",
             "flops": "2 * sum(s_q*h_q*seqlen*(576+512))",
             "both_orders": args.both_orders,

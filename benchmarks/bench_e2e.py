@@ -711,6 +711,37 @@ def table(summary: dict, order: list[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def markdown(doc: dict) -> str:
+    """The README's table of one results file: per backend, decode throughput and TPOT (median over the
+    windows of every run, with their extremes), the median step's GPU time and attention time from the
+    profiled steps, the GPU's busy share of the step, and tokens/s relative to ours."""
+    summary = summarize(doc["results"])
+    lines = [
+        "| backend | tokens/s median [min, max] | TPOT ms | GPU us/step | attention us/step | GPU busy | vs ours |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in doc["config"]["backends"]:
+        s = summary.get(name)
+        label = "ours (FLASHMLA via this plugin)" if name == "ours" else f"vLLM {BACKENDS[name].attention_backend}"
+        if s is None:
+            lines.append(f"| {label} | failed | | | | | |")
+            continue
+        gpu_us = [r["gpu_us_per_step"] for r in doc["results"] if r["backend"] == name and r.get("gpu_us_per_step")]
+        t = s["tokens_per_s"]
+        ratio = s["tokens_per_s_ratio_to_ours"]
+        cells = [
+            label,
+            f"{t['median']:.0f} [{t['min']:.0f}, {t['max']:.0f}]",
+            f"{s['tpot_ms']['median']:.2f}",
+            f"{statistics.median(gpu_us):.0f}" if gpu_us else "-",
+            "-" if s["attention_us_per_step"] is None else f"{s['attention_us_per_step']:.0f}",
+            "-" if s["gpu_share_of_step"] is None else f"{s['gpu_share_of_step']:.0%}",
+            "-" if ratio is None else f"{ratio:.3f}x",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plan(args) -> dict:
     """Everything a run is defined by, derived from the arguments (no GPU needed)."""
     timed = args.warmup_steps + WARMUP_SLACK + args.repeats * args.decode_steps + args.profile_steps
@@ -791,9 +822,15 @@ def parse_args(argv=None):
     p.add_argument("--out", help="results JSON (default: benchmarks/results/e2e_<gpu>_<utc time>.json)")
     p.add_argument("--log-dir", help="worker logs (default: a new temporary directory)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and check the model config; no GPU")
+    p.add_argument(
+        "--markdown",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="print the README table of each results file and exit (no GPU, no vLLM)",
+    )
     p.add_argument("--worker", metavar="SPEC_JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
+    if args.worker or args.markdown:
         return args
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     unknown = [n for n in names if n not in BACKENDS]
@@ -884,6 +921,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         worker_main(json.loads(args.worker))  # exits
+    if args.markdown:
+        for path in args.markdown:
+            print(f"{path}:\n\n{markdown(json.loads(Path(path).read_text()))}\n")
+        return 0
 
     t_start = time.monotonic()
     cfg = plan(args)
