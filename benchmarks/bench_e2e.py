@@ -288,7 +288,13 @@ def summarize(records: list[dict]) -> dict:
             "tokens_per_s": spread([w["tokens_per_s"] for w in windows], 1),
             "tpot_ms": spread([w["tpot_ms"] for w in windows], 4),
         }
-        for key in ("attention_us_per_step", "attention_fraction", "attention_share_of_step", "gpu_share_of_step"):
+        for key in (
+            "gpu_us_per_step",
+            "attention_us_per_step",
+            "attention_fraction",
+            "attention_share_of_step",
+            "gpu_share_of_step",
+        ):
             values = [r[key] for r in recs if r.get(key) is not None]
             out[backend][key] = round(statistics.median(values), 4) if values else None
     ours = out.get("ours")
@@ -726,14 +732,13 @@ def markdown(doc: dict) -> str:
         if s is None:
             lines.append(f"| {label} | failed | | | | | |")
             continue
-        gpu_us = [r["gpu_us_per_step"] for r in doc["results"] if r["backend"] == name and r.get("gpu_us_per_step")]
         t = s["tokens_per_s"]
         ratio = s["tokens_per_s_ratio_to_ours"]
         cells = [
             label,
             f"{t['median']:.0f} [{t['min']:.0f}, {t['max']:.0f}]",
             f"{s['tpot_ms']['median']:.2f}",
-            f"{statistics.median(gpu_us):.0f}" if gpu_us else "-",
+            "-" if s["gpu_us_per_step"] is None else f"{s['gpu_us_per_step']:.0f}",
             "-" if s["attention_us_per_step"] is None else f"{s['attention_us_per_step']:.0f}",
             "-" if s["gpu_share_of_step"] is None else f"{s['gpu_share_of_step']:.0%}",
             "-" if ratio is None else f"{ratio:.3f}x",

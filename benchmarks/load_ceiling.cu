@@ -23,7 +23,8 @@
 #include <random>
 #include <vector>
 
-#include "../csrc/config.h"  // PAGE_SIZE, D_QK: the problem constants the decode kernel uses
+#include "../csrc/config.h"                    // PAGE_SIZE, D_QK: the problem constants the decode kernel uses
+#include "../csrc/sm90/tensor_map_encoder.h"  // the decode launch's cuTensorMapEncodeTiled
 
 #define CHECK_CUDA(x)                                                                   \
   do {                                                                                  \
@@ -126,14 +127,11 @@ int main() {
   CHECK_CUDA(cudaMalloc(&kv, size_t(total_pages) * PAGE_BYTES));
   CHECK_CUDA(cudaMemset(kv, 0, size_t(total_pages) * PAGE_BYTES));
 
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult status;
-  CHECK_CUDA(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status));
-  if (fn == nullptr || status != cudaDriverEntryPointSuccess) {
+  const auto encode = vllm_flashmla::sm90::tensor_map_encoder();
+  if (encode == nullptr) {
     std::fprintf(stderr, "cuTensorMapEncodeTiled is not available\n");
     return 1;
   }
-  const auto encode = reinterpret_cast<decltype(&cuTensorMapEncodeTiled)>(fn);
   CUtensorMap kv_map;
   const cuuint64_t dims[3] = {D_QK, PAGE_SIZE, cuuint64_t(total_pages)};
   const cuuint64_t strides[2] = {D_QK * 2, cuuint64_t(PAGE_BYTES)};

@@ -3,30 +3,15 @@
 #pragma once
 
 #include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
 #include <type_traits>
 
 #include "../api.h"
 #include "decode_kernel.cuh"
+#include "tensor_map_encoder.h"
 
 namespace vllm_flashmla::sm90 {
-
-// cuTensorMapEncodeTiled through the runtime's driver entry point, so the extension needs no -lcuda.
-inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status) !=
-            cudaSuccess ||
-        status != cudaDriverEntryPointSuccess) {
-      fn = nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encode;
-}
 
 template <typename Config>
 constexpr CUtensorMapDataType tensor_map_dtype() {
