@@ -9,8 +9,8 @@ block table, seqlens). For each (shape, implementation):
    a bad mismatch turns the row into an error record and the implementation is not timed.
 3. One CUDA graph holds `calls` back-to-back decode steps, each everything the implementation's vLLM
    backend runs in forward_mqa from q as vLLM hands it over (two strided views, ql_nope and q_pe):
-   ours = q concat + decode + combine, FlashMLA = q concat + split-KV + combine, FA3 = forward +
-   combine (it takes the two views as they are). The steps cycle
+   ours = decode + combine, FlashMLA = q concat + split-KV + combine, FA3 = forward + combine (ours
+   and FA3 read the two views in place). The steps cycle
    over enough KV-cache copies that their total size is >= 4x the L2 cache, so no step reads KV left
    in L2 by the previous one - the situation of consecutive layers in a real model. CUDA events
    around N replays give the time per step; the reported `us` is the median over `--reps` runs.
@@ -229,21 +229,28 @@ def make_inputs(shape: Shape, seed: int, device: torch.device | str) -> Inputs:
     )
 
 
-def vllm_query_views(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [b, s_q, h_q, 576] laid out as vLLM's MLA decode hands it to a backend: (ql_nope, q_pe)."""
+def vllm_query_views(q: torch.Tensor, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [b, s_q, h_q, 576] laid out as vLLM's MLA decode hands it to a backend: (ql_nope, q_pe). `fill`
+    goes into the projection's columns that q_pe leaves out (the GPU tests put NaN there)."""
     b, s_q, h_q, _ = q.shape
     tokens = q.reshape(b * s_q, h_q, D_QK)
     bmm_out = tokens[..., :D_V].transpose(0, 1).contiguous()  # [h_q, T, 512], as torch.bmm writes it
-    projected = torch.zeros(b * s_q, h_q, VLLM_QK_NOPE_HEAD_DIM + D_ROPE, dtype=q.dtype, device=q.device)
+    projected = torch.full((b * s_q, h_q, VLLM_QK_NOPE_HEAD_DIM + D_ROPE), fill, dtype=q.dtype, device=q.device)
     projected[..., VLLM_QK_NOPE_HEAD_DIM:] = tokens[..., D_V:]
     return bmm_out.transpose(0, 1), projected[..., VLLM_QK_NOPE_HEAD_DIM:]
 
 
 def concat_query(inp: Inputs) -> torch.Tensor:
-    """What vllm_flashmla's and vLLM's FlashMLA backends do first in forward_mqa: one contiguous
-    [b, s_q, h_q, 576] q from the two views (a copy kernel inside every decode step)."""
+    """What vLLM's FlashMLA backend does first in forward_mqa: one contiguous [b, s_q, h_q, 576] q from
+    the two views (a copy kernel inside every decode step)."""
     s = inp.shape
     return torch.cat((inp.q_nope, inp.q_pe), dim=-1).view(s.b, s.s_q, s.h_q, D_QK)
+
+
+def query_parts(inp: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """What vllm_flashmla/backend.py's forward_mqa passes on: the two views as [b, s_q, h_q, *], no copy."""
+    s = inp.shape
+    return inp.q_nope.view(s.b, s.s_q, s.h_q, D_V), inp.q_pe.view(s.b, s.s_q, s.h_q, D_ROPE)
 
 
 def work(shape: Shape, seqlens: np.ndarray) -> tuple[int, int]:
@@ -288,7 +295,7 @@ class Ours:
     def decode(self, inp: Inputs, kv: torch.Tensor, meta, out: torch.Tensor):
         tile_scheduler_metadata, num_splits = meta
         return self.flash_mla_with_kvcache(
-            concat_query(inp),  # as vllm_flashmla/backend.py's forward_mqa
+            query_parts(inp),  # as vllm_flashmla/backend.py's forward_mqa: read in place
             kv,
             inp.block_table,
             inp.seqlens,
@@ -777,8 +784,8 @@ def environment(args, status: dict) -> dict:
             "check": f"{CHECK_REQUESTS} requests vs vllm_flashmla.reference (fp32), "
             f"fail if max|err| > {REL_TOL} * max|ref|",
             "q": "vLLM 0.26.0's two views, ql_nope [T, h_q, 512] (transposed [h_q, T, 512] BMM output) and "
-            f"q_pe [T, h_q, 64] (of a [T, h_q, {VLLM_QK_NOPE_HEAD_DIM + D_ROPE}] projection); ours and flashmla "
-            "concatenate them inside every step as their vLLM backends do, fa3mla takes them as they are",
+            f"q_pe [T, h_q, 64] (of a [T, h_q, {VLLM_QK_NOPE_HEAD_DIM + D_ROPE}] projection); flashmla "
+            "concatenates them inside every step as its vLLM backend does, ours and fa3mla read them in place",
             "bytes": "(sum(seqlens)*576 + b*s_q*h_q*576 + b*s_q*h_q*512) * 2",
             "flops": "2 * sum(s_q*h_q*seqlen*(576+512))",
             "both_orders": args.both_orders,

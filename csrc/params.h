@@ -16,8 +16,18 @@ struct SchedParams {
   int num_q_rows;  // s_q * h_q: the rows of every piece's fp32 partial (the piece cost model)
 };
 
+// One part of Q: [b, s_q, h_q, cols] with a contiguous last dim and its (s_q, h_q) rows one stride
+// apart (q_row_stride >= 0); strides in elements. Only the host reads it, to encode the part's TMA map.
+struct QPart {
+  const void* ptr;
+  int64_t stride_b, stride_s, stride_h;
+};
+
 struct DecodeParams {
-  const void* q;                  // [b, s_q, h_q, D_QK], last dim contiguous, (s_q, h_q) rows uniformly strided
+  // Q in two parts, its D_V latent columns and its D_ROPE RoPE columns: separate tensors when the
+  // caller has them apart (vLLM's absorbed q_nope and q_pe), or one 576-wide q with q_rope D_V on.
+  QPart q;                        // [b, s_q, h_q, D_V]
+  QPart q_rope;                   // [b, s_q, h_q, D_ROPE]
   const int32_t* block_table;     // [b, max_pages]
   const int32_t* cache_seqlens;   // [b]
   const SchedRecord* records;     // [num_sm_parts]
@@ -27,7 +37,6 @@ struct DecodeParams {
   float* o_accum;                 // [b + num_sm_parts, s_q * h_q, D_V] fp32 partials of split requests
   float* lse_accum;               // [b + num_sm_parts, s_q * h_q] log2-domain partial LSE (-inf: empty)
 
-  int64_t stride_q_b, stride_q_s, stride_q_h;
   int64_t stride_bt_b;
   int64_t stride_o_b, stride_o_s, stride_o_h;
   int64_t stride_lse_b, stride_lse_h;

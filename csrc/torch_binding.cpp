@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -55,6 +56,19 @@ void check_int32_cuda(const at::Tensor& t, const char* name, const at::Tensor& l
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
+// One part of Q as the kernel loads it by TMA: [b, s_q, h_q, cols] with a contiguous last dim and
+// 16-byte aligned rows, its (s_q, h_q) rows one stride apart. A part without that stride (a strided
+// view into a larger buffer) is copied into that layout first, on the current stream.
+at::Tensor q_part_rows(const at::Tensor& part, const char* name) {
+  FLASHMLA_CHECK(part.stride(3) == 1 && part.stride(0) % 8 == 0 && part.stride(1) % 8 == 0 &&
+                     part.stride(2) % 8 == 0 && aligned16(part),
+                 name, " must have a contiguous last dim and 16-byte aligned rows");
+  const bool uniform_rows = q_row_stride(part.size(1), part.size(2), part.stride(1), part.stride(2)) >= 0;
+  return uniform_rows ? part : part.contiguous();
+}
+
+QPart q_part(const at::Tensor& rows) { return {rows.data_ptr(), rows.stride(0), rows.stride(1), rows.stride(2)}; }
+
 void get_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_sm_parts, int64_t num_q_rows,
                       const at::Tensor& records, const at::Tensor& num_splits) {
   TORCH_CHECK(cache_seqlens.is_cuda(), "cache_seqlens must be a CUDA tensor");
@@ -82,14 +96,24 @@ void get_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_sm_parts, int
   check_cuda(run_scheduler(params, c10::cuda::getCurrentCUDAStream()), "scheduler launch");
 }
 
-void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,
-            const at::Tensor& cache_seqlens, const at::Tensor& records, const at::Tensor& num_splits,
-            double softmax_scale, bool causal, const at::Tensor& out, const at::Tensor& lse,
-            const at::Tensor& o_accum, const at::Tensor& lse_accum) {
+// q is [b, s_q, h_q, 576], or with q_rope [b, s_q, h_q, 64] given, q is the [b, s_q, h_q, 512] latent part.
+void decode(const at::Tensor& q, const std::optional<at::Tensor>& q_rope, const at::Tensor& k_cache,
+            const at::Tensor& block_table, const at::Tensor& cache_seqlens, const at::Tensor& records,
+            const at::Tensor& num_splits, double softmax_scale, bool causal, const at::Tensor& out,
+            const at::Tensor& lse, const at::Tensor& o_accum, const at::Tensor& lse_accum) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor");
-  FLASHMLA_CHECK(q.dim() == 4 && q.size(3) == D_QK && q.stride(3) == 1, "q must be [b, s_q, h_q, ", D_QK,
-                 "] with a contiguous last dim");
+  const int64_t q_cols = q_rope.has_value() ? D_V : D_QK;
+  FLASHMLA_CHECK(q.dim() == 4 && q.size(3) == q_cols && q.stride(3) == 1, "q must be [b, s_q, h_q, ", q_cols,
+                 "] with a contiguous last dim", q_rope.has_value() ? " when q_rope is given" : "");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "q must be bf16 or fp16");
+  if (q_rope.has_value()) {
+    const at::Tensor& r = *q_rope;
+    FLASHMLA_CHECK(r.is_cuda() && r.device() == q.device() && r.scalar_type() == q.scalar_type(),
+                   "q_rope must have q's dtype and device");
+    FLASHMLA_CHECK(r.dim() == 4 && r.size(0) == q.size(0) && r.size(1) == q.size(1) && r.size(2) == q.size(2) &&
+                       r.size(3) == D_ROPE,
+                   "q_rope must be [b, s_q, h_q, ", D_ROPE, "] with q's b, s_q and h_q");
+  }
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "k_cache and out must have q's dtype");
   TORCH_CHECK(k_cache.is_cuda() && k_cache.device() == q.device(), "k_cache must be on q's device");
@@ -108,20 +132,18 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& bl
   const int64_t num_sm_parts = records.size(0);
   TORCH_CHECK(o_accum.numel() >= (b + num_sm_parts) * s_q * h_q * D_V && lse_accum.numel() >= (b + num_sm_parts) * s_q * h_q,
               "o_accum/lse_accum are too small for b + num_sm_parts partial slots");
-  TORCH_CHECK(q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 && q.stride(0) % 8 == 0 && aligned16(q),
-              "q rows must be 16-byte aligned");
   TORCH_CHECK(k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 && aligned16(k_cache),
               "k_cache pages and tokens must be 16-byte aligned (TMA)");
   if (b == 0) return;
 
   const c10::cuda::CUDAGuard guard(q.device());
-  // The kernel loads Q as tiles of 64 packed (s_q, h_q) rows by TMA, which takes one stride between
-  // rows. A q whose s_q stride is not h_q times its head stride (a strided view into a larger buffer)
-  // is copied into that layout first, on the same stream.
-  const bool uniform_rows = q_row_stride(s_q, h_q, q.stride(1), q.stride(2)) >= 0;
-  const at::Tensor q_rows = uniform_rows ? q : q.contiguous();
+  // The kernel loads each part of Q as tiles of 64 packed (s_q, h_q) rows by TMA. A 576-wide q gives
+  // both: its latent columns, and its RoPE columns as a view D_V elements on.
+  const at::Tensor q_latent = q_part_rows(q, "q");
+  const at::Tensor q_rope_rows = q_rope.has_value() ? q_part_rows(*q_rope, "q_rope") : q_latent.narrow(3, D_V, D_ROPE);
   DecodeParams params{};
-  params.q = q_rows.data_ptr();
+  params.q = q_part(q_latent);
+  params.q_rope = q_part(q_rope_rows);
   params.block_table = block_table.data_ptr<int32_t>();
   params.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   params.records = reinterpret_cast<const SchedRecord*>(records.data_ptr<int32_t>());
@@ -130,9 +152,6 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& bl
   params.lse = lse.data_ptr<float>();
   params.o_accum = o_accum.data_ptr<float>();
   params.lse_accum = lse_accum.data_ptr<float>();
-  params.stride_q_b = q_rows.stride(0);
-  params.stride_q_s = q_rows.stride(1);
-  params.stride_q_h = q_rows.stride(2);
   params.stride_bt_b = block_table.stride(0);
   params.stride_o_b = out.stride(0);
   params.stride_o_s = out.stride(1);
@@ -179,7 +198,7 @@ TORCH_LIBRARY(flashmla_kernels, m) {
       "get_mla_metadata(Tensor cache_seqlens, int num_sm_parts, int num_q_rows, Tensor(a!) records, "
       "Tensor(b!) num_splits) -> ()");
   m.def(
-      "decode(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, Tensor records, "
+      "decode(Tensor q, Tensor? q_rope, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, Tensor records, "
       "Tensor num_splits, float softmax_scale, bool causal, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) o_accum, "
       "Tensor(d!) lse_accum) -> ()");
   m.def("layout_info() -> int[]", &layout_info);

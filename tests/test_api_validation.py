@@ -52,14 +52,30 @@ def test_valid_call_reaches_the_op(fake_gpu):
     assert out.shape == (B, S_Q, H_Q, 512) and out.dtype == torch.bfloat16
     assert lse.shape == (B, H_Q, S_Q) and lse.dtype == torch.float32
     name, op_args = fake_gpu[-1]
-    assert name == "decode" and op_args[6] == pytest.approx(576**-0.5)
-    o_accum = op_args[10]
+    assert name == "decode" and op_args[1] is None and op_args[7] == pytest.approx(576**-0.5)
+    o_accum = op_args[11]
     assert o_accum.shape == (B + 132, S_Q * H_Q, 512)
+
+
+def vllm_q_parts(b=B, s_q=S_Q, h_q=H_Q):
+    """q as vLLM's MLA layer hands it over: strided views of two buffers."""
+    tokens = b * s_q
+    latent = torch.randn(h_q, tokens, 512, dtype=torch.bfloat16).transpose(0, 1).view(b, s_q, h_q, 512)
+    rope = torch.randn(tokens, h_q, 192, dtype=torch.bfloat16)[..., 128:].view(b, s_q, h_q, 64)
+    return latent, rope
+
+
+def test_q_as_two_parts_reaches_the_op_in_place(fake_gpu):
+    latent, rope = vllm_q_parts()
+    out, lse = call(q=(latent, rope))
+    assert out.shape == (B, S_Q, H_Q, 512) and lse.shape == (B, H_Q, S_Q)
+    name, op_args = fake_gpu[-1]
+    assert name == "decode" and op_args[0] is latent and op_args[1] is rope
 
 
 def test_three_dim_cache_is_accepted(fake_gpu):
     call(k_cache=torch.randn(NUM_PAGES, 64, 576, dtype=torch.bfloat16))
-    assert fake_gpu[-1][1][1].shape == (NUM_PAGES, 64, 1, 576)
+    assert fake_gpu[-1][1][2].shape == (NUM_PAGES, 64, 1, 576)
 
 
 @pytest.mark.parametrize(
@@ -68,7 +84,14 @@ def test_three_dim_cache_is_accepted(fake_gpu):
         (dict(q=[1, 2]), TypeError, "q must be a torch.Tensor, got list"),
         (dict(q=torch.randn(B, S_Q, H_Q, 576)), TypeError, "q must be bfloat16 or float16, got float32"),
         (dict(q=torch.randn(B, H_Q, 576, dtype=torch.bfloat16)), ValueError, r"q must be 4-D \[b, s_q, h_q, d_qk\]"),
-        (dict(q=torch.randn(B, S_Q, H_Q, 512, dtype=torch.bfloat16)), ValueError, "must be 576, got 512"),
+        (dict(q=torch.randn(B, S_Q, H_Q, 512, dtype=torch.bfloat16)), ValueError, "must be 576, got 512; pass the two parts"),
+        (dict(q=(torch.randn(B, S_Q, H_Q, 512, dtype=torch.bfloat16),)), TypeError, "q given as a tuple must be .*got a tuple of 1"),
+        (dict(q=(torch.randn(B, S_Q, H_Q, 512, dtype=torch.bfloat16), None)), TypeError, r"q\[1\] \(rope\) must be a torch.Tensor"),
+        (dict(q=vllm_q_parts()[::-1]), ValueError, r"q\[0\] \(latent\) must have a head dim of 512, got 64"),
+        (dict(q=(vllm_q_parts()[0], vllm_q_parts()[1].half())), TypeError, r"q\[1\] \(rope\) dtype must match q\[0\]"),
+        (dict(q=(vllm_q_parts()[0], vllm_q_parts(h_q=8)[1])), ValueError, r"q\[1\] \(rope\) must be \[b, s_q, h_q, 64\] = \(2, 1, 16, 64\), got \(2, 1, 8, 64\)"),
+        (dict(q=(vllm_q_parts()[0], torch.randn(B, S_Q, H_Q, 128, dtype=torch.bfloat16)[..., ::2])), ValueError, r"q\[1\] \(rope\)'s last dim must be contiguous"),
+        (dict(q=(vllm_q_parts()[0], torch.randn(B * S_Q * H_Q * 64 + 4, dtype=torch.bfloat16)[4:].view(B, S_Q, H_Q, 64))), ValueError, r"q\[1\] \(rope\)'s rows must be 16-byte aligned"),
         (dict(q=torch.randn(B, S_Q, 576, H_Q, dtype=torch.bfloat16).transpose(2, 3)), ValueError, "last dim must be contiguous"),
         (dict(head_dim_v=128), ValueError, "head_dim_v must be 512 .*got 128"),
         (dict(k_cache=torch.randn(NUM_PAGES, 64, 1, 576, dtype=torch.float16)), TypeError, "k_cache dtype must match q"),

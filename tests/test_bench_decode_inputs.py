@@ -38,7 +38,7 @@ class Recorder:
         return torch.zeros(self.out_shape), torch.zeros(self.lse_shape)
 
 
-def test_ours_and_flashmla_concatenate_q_inside_the_step_and_fa3_takes_the_views():
+def test_flashmla_concatenates_q_inside_the_step_and_ours_and_fa3_take_the_views():
     shape = SHAPES[1]
     inp = bench_decode.make_inputs(shape, 0, "cpu")
     out = torch.empty(shape.b, shape.s_q, shape.h_q, D_V)
@@ -46,15 +46,16 @@ def test_ours_and_flashmla_concatenate_q_inside_the_step_and_fa3_takes_the_views
     ours = bench_decode.Ours()
     ours.flash_mla_with_kvcache = Recorder(out.shape, (shape.b, shape.h_q, shape.s_q))
     ours.decode(inp, inp.k_cache, (None, None), out)
-    q = ours.flash_mla_with_kvcache.calls[0][0][0]
-    assert q.is_contiguous() and torch.equal(q, inp.q)
-    assert q.data_ptr() != inp.q.data_ptr()  # a copy made in the step, as the backend does
+    latent, rope = ours.flash_mla_with_kvcache.calls[0][0][0]
+    assert latent.shape == (shape.b, shape.s_q, shape.h_q, D_V) and rope.shape == (shape.b, shape.s_q, shape.h_q, D_ROPE)
+    assert latent.data_ptr() == inp.q_nope.data_ptr() and rope.data_ptr() == inp.q_pe.data_ptr()  # no copy
+    assert torch.equal(torch.cat((latent, rope), dim=-1), inp.q)
 
     flashmla = bench_decode.FlashMLA()
     flashmla.flash_mla_with_kvcache = Recorder(out.shape, (shape.b, shape.h_q, shape.s_q))
     flashmla.decode(inp, inp.k_cache, None, out)
     q = flashmla.flash_mla_with_kvcache.calls[0][1]["q"]
-    assert q.is_contiguous() and torch.equal(q, inp.q) and q.data_ptr() != inp.q.data_ptr()
+    assert q.is_contiguous() and torch.equal(q, inp.q) and q.data_ptr() != inp.q.data_ptr()  # a copy in the step
 
     fa3 = bench_decode.FA3MLA(num_splits=32)
     tokens = shape.b * shape.s_q

@@ -137,7 +137,7 @@ def _worker(spec: dict) -> None:
     scale_factor = spec.get("scale_factor", 1.0)
 
     def counting_decode(q, k_cache, block_table, cache_seqlens, tile, splits, softmax_scale):
-        decode_calls[q.shape[1]] += 1  # s_q
+        decode_calls[(q[0] if isinstance(q, tuple) else q).shape[1]] += 1  # s_q; q may come as (latent, rope)
         return kernel(q, k_cache, block_table, cache_seqlens, tile, splits, softmax_scale * scale_factor)
 
     backend._flash_mla_decode = counting_decode

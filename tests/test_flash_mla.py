@@ -16,6 +16,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_decode  # noqa: E402  (vLLM's q layout, shared with the benchmark)
 from mla_cases import compare, make_problem, seqlens_for  # noqa: E402
 
 from vllm_flashmla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
@@ -28,10 +30,11 @@ pytestmark = pytest.mark.gpu
 
 
 def run_ours(p):
-    b, s_q, h_q, _ = p.q.shape
+    q0 = p.q[0] if isinstance(p.q, tuple) else p.q  # one 576-wide q, or (latent, rope)
+    b, s_q, h_q, _ = q0.shape
     meta, splits = get_mla_metadata(p.cache_seqlens, s_q * h_q, 1)
     # NaN-filled, so that any piece of a row the kernels leave unwritten fails the comparison.
-    out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=p.q.dtype, device=p.q.device)
+    out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=q0.dtype, device=q0.device)
     return flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512, meta, splits,
                                   causal=p.causal, out=out)
 
@@ -107,6 +110,31 @@ def test_q_views_into_larger_buffers(view):
     out, lse = run_ours(dataclasses.replace(p, q=q))
     ref_out, ref_lse = mla_decode_reference(p.q, p.k_cache, p.block_table, p.cache_seqlens, causal=True)
     compare(out, lse, ref_out, ref_lse, dtype)
+
+
+def vllm_q_parts(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [b, s_q, h_q, 576] as vLLM's MLA layer hands it to the backend (bench_decode.vllm_query_views),
+    with NaN in the projection's columns that the kernel must not read, as [b, s_q, h_q, *] views."""
+    b, s_q, h_q, _ = q.shape
+    latent, rope = bench_decode.vllm_query_views(q, fill=float("nan"))
+    return latent.view(b, s_q, h_q, 512), rope.view(b, s_q, h_q, 64)
+
+
+# The two parts are read in place when their (s_q, h_q) rows are uniformly strided (s_q = 1, or one
+# head) and copied first otherwise (s_q > 1 with vLLM's token-major latent rows); either way the result
+# is bit for bit the one of the same q as one 576-wide tensor.
+@pytest.mark.parametrize("b,s_q,h_q,seqlens", [(6, 1, 16, "mixed"), (3, 1, 128, "normal:3000"), (5, 2, 16, "mixed"),
+                                               (4, 2, 1, "normal:500"), (2, 4, 128, "4096")])
+def test_q_as_two_parts_matches_the_joined_q(b, s_q, h_q, seqlens):
+    p = make_problem(b, s_q, h_q, seqlens_for(seqlens, b, torch.Generator().manual_seed(5)), torch.bfloat16,
+                     s_q > 1, 5)
+    joined_out, joined_lse = run_ours(p)
+    parts = vllm_q_parts(p.q)
+    assert not parts[1].is_contiguous() and (h_q == 1 or not parts[0].is_contiguous())  # one head: [1, T, 512]
+    out, lse = run_ours(dataclasses.replace(p, q=parts))
+    assert torch.equal(out, joined_out) and torch.equal(lse, joined_lse)
+    ref_out, ref_lse = mla_decode_reference(p.q, p.k_cache, p.block_table, p.cache_seqlens, causal=p.causal)
+    compare(out, lse, ref_out, ref_lse, torch.bfloat16)
 
 
 def test_cuda_graph_replay_with_changing_seqlens():
@@ -197,6 +225,8 @@ def main():
     if args.small:
         for b, s_q, h_q, kind, causal in [(3, 2, 20, "mixed", True), (2, 1, 128, "130", False), (4, 1, 16, "mixed", False)]:
             print(f"b={b} s_q={s_q} h_q={h_q} seqlens={kind} causal={causal}: {check_case(b, s_q, h_q, kind, torch.bfloat16, causal)}")
+        test_q_as_two_parts_matches_the_joined_q(3, 1, 128, "mixed")  # q from vLLM's two views, in place
+        print("b=3 s_q=1 h_q=128 seqlens=mixed, q as (latent, rope) views: bit-identical to the joined q")
         return
     shapes = itertools.chain(
         ((128, s_q, h, s_k) for s_k in ("4096", "8192") for h in (16, 32, 64, 128) for s_q in (1, 2)),

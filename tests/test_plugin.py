@@ -282,10 +282,11 @@ class FakeKernels:
         return tile, splits
 
     def decode(self, q, k_cache, block_table, cache_seqlens, tile, splits, softmax_scale):
+        parts = q if isinstance(q, tuple) else (q,)
         self.decodes.append(
             dict(
-                q=q.clone(),
-                q_contiguous=q.is_contiguous(),
+                q=q,
+                q_joined=torch.cat(parts, dim=-1),
                 k_cache=k_cache,
                 block_table=block_table,
                 cache_seqlens=cache_seqlens,
@@ -294,8 +295,8 @@ class FakeKernels:
                 softmax_scale=softmax_scale,
             )
         )
-        b, s_q, h_q, _ = q.shape
-        out = q[..., :512] * 2
+        b, s_q, h_q, _ = parts[0].shape
+        out = parts[0][..., :512] * 2
         lse = torch.arange(b * h_q * s_q, dtype=torch.float32).view(b, h_q, s_q)
         return out, lse
 
@@ -538,8 +539,12 @@ def test_forward_mqa_calls_the_kernel_with_vllms_tensors(kernels, s_q):
     out, lse = impl.forward_mqa(q, kv_cache, meta, layer=None)
 
     [call] = kernels.decodes
+    # The two views reach the kernel as they are (reshaped to [b, s_q, h_q, *], no copy).
+    latent, rope = call["q"]
+    assert latent.shape == (b, s_q, H_Q, 512) and rope.shape == (b, s_q, H_Q, 64)
+    assert latent.data_ptr() == q[0].data_ptr() and rope.data_ptr() == q[1].data_ptr()
     expected_q = torch.cat(q, dim=-1).view(b, s_q, H_Q, 576)
-    assert call["q"].equal(expected_q) and call["q_contiguous"]
+    assert call["q_joined"].equal(expected_q)
     assert call["k_cache"].shape == (12, 64, 1, 576)
     assert call["k_cache"].data_ptr() == kv_cache.data_ptr()
     assert call["block_table"] is meta.decode.block_table

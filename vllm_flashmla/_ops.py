@@ -30,7 +30,8 @@ def ops():
         return None
 
     @torch.library.register_fake("flashmla_kernels::decode")
-    def _(q, k_cache, block_table, cache_seqlens, records, num_splits, softmax_scale, causal, out, lse, o_accum, lse_accum):
+    def _(q, q_rope, k_cache, block_table, cache_seqlens, records, num_splits, softmax_scale, causal, out, lse,
+          o_accum, lse_accum):
         return None
 
     return torch.ops.flashmla_kernels

@@ -66,7 +66,7 @@ def _get_mla_metadata(
 
 
 def _flash_mla_decode(
-    q: torch.Tensor,
+    q: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     k_cache: torch.Tensor,
     block_table: torch.Tensor,
     cache_seqlens: torch.Tensor,
@@ -326,10 +326,12 @@ class FlashMLAImpl(MLACommonImpl[FlashMLAMetadata]):
         decode = attn_metadata.decode
         assert decode is not None
         if isinstance(q, tuple):
-            # (q_nope absorbed into the latent [T, h_q, 512], q_pe [T, h_q, 64]), both
-            # strided views; the kernel reads one contiguous 576-wide row per head.
-            q = torch.cat(q, dim=-1)
-        q = reshape_query_for_spec_decode(q, attn_metadata.num_decodes)
+            # (q_nope absorbed into the latent [T, h_q, 512], q_pe [T, h_q, 64]): strided
+            # views of two buffers, which the kernel reads in place instead of a torch.cat
+            # into one 576-wide q (a copy per layer that FA3-MLA does not make either).
+            q = tuple(reshape_query_for_spec_decode(part, attn_metadata.num_decodes) for part in q)
+        else:
+            q = reshape_query_for_spec_decode(q, attn_metadata.num_decodes)
         out, lse = _flash_mla_decode(
             q,
             kv_c_and_k_pe_cache.unsqueeze(-2),  # [num_pages, page_size, h_kv=1, d_qk]

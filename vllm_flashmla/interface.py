@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ._layout import D_QK, D_V, H_KV, PAGE_SIZE, SCHED_RECORD_INTS
+from ._layout import D_QK, D_ROPE, D_V, H_KV, PAGE_SIZE, SCHED_RECORD_INTS
 from ._ops import ops
 from .scheduler import num_sm_parts_for
 
@@ -119,8 +119,29 @@ def _check_seqlens_fit(cache_seqlens: torch.Tensor, max_pages: int) -> None:
         )
 
 
+def _split_q(q) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q as one 576-wide tensor, or as vLLM hands it to an MLA backend: (latent [.., 512], rope [.., 64])."""
+    if not isinstance(q, tuple):
+        return _require_tensor("q", q), None
+    if len(q) != 2:
+        raise TypeError(
+            f"q given as a tuple must be (q_latent [b, s_q, h_q, {D_V}], q_rope [b, s_q, h_q, {D_ROPE}]), "
+            f"got a tuple of {len(q)}"
+        )
+    return _require_tensor("q[0] (latent)", q[0]), _require_tensor("q[1] (rope)", q[1])
+
+
+def _check_q_part(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name}'s last dim must be contiguous (stride 1), got stride {t.stride(-1)}")
+    if any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+        raise ValueError(
+            f"{name}'s rows must be 16-byte aligned (strides multiple of 8 elements), got strides {t.stride()}"
+        )
+
+
 def flash_mla_with_kvcache(
-    q: torch.Tensor,
+    q: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     k_cache: torch.Tensor,
     block_table: torch.Tensor,
     cache_seqlens: torch.Tensor,
@@ -136,8 +157,10 @@ def flash_mla_with_kvcache(
     """Paged MLA decode attention.
 
     Args:
-        q: [b, s_q, h_q, 576] bf16/fp16, last dim contiguous. The kernel reads its (s_q, h_q) rows by TMA with
-            one stride; a q whose s_q stride is not h_q head strides is copied into that layout first.
+        q: [b, s_q, h_q, 576] bf16/fp16, last dim contiguous; or its two parts as a tuple (q_latent
+            [b, s_q, h_q, 512], q_rope [b, s_q, h_q, 64]), e.g. views of separate buffers, read in place. The
+            kernel reads the (s_q, h_q) rows of each by TMA with one stride; a part whose s_q stride is not h_q
+            head strides is copied into that layout first.
         k_cache: [num_pages, 64, 1, 576] (or [num_pages, 64, 576]) of q's dtype; V is its first 512 columns.
         block_table: int32 [b, max_pages], page ids of each request in order.
         cache_seqlens: int32 [b], keys per request; 0 gives out = 0 and lse = +inf.
@@ -151,6 +174,7 @@ def flash_mla_with_kvcache(
     Returns:
         out [b, s_q, h_q, 512] of q's dtype and lse [b, h_q, s_q] float32 (natural log).
     """
+    q, q_rope = _split_q(q)
     tensors = dict(
         q=q,
         k_cache=k_cache,
@@ -162,17 +186,29 @@ def flash_mla_with_kvcache(
     for name, value in tensors.items():
         _require_tensor(name, value)
 
-    _require_dtype("q", q, _DTYPES)
-    _require_rank("q", q, 4, "[b, s_q, h_q, d_qk]")
-    b, s_q, h_q, d_qk = q.shape
-    if d_qk != D_QK:
-        raise ValueError(f"q's head dim (d_qk = 512 latent + 64 rope) must be {D_QK}, got {d_qk}")
+    q_name = "q" if q_rope is None else "q[0] (latent)"
+    _require_dtype(q_name, q, _DTYPES)
+    _require_rank(q_name, q, 4, "[b, s_q, h_q, d_qk]" if q_rope is None else f"[b, s_q, h_q, {D_V}]")
+    b, s_q, h_q, d_q = q.shape
+    if q_rope is None and d_q != D_QK:
+        raise ValueError(
+            f"q's head dim (d_qk = 512 latent + 64 rope) must be {D_QK}, got {d_q}; pass the two parts as a tuple "
+            f"(q_latent, q_rope) if they are separate tensors"
+        )
+    if q_rope is not None:
+        if d_q != D_V:
+            raise ValueError(f"q[0] (latent) must have a head dim of {D_V}, got {d_q}")
+        if q_rope.dtype != q.dtype:
+            raise TypeError(f"q[1] (rope) dtype must match q[0] ({q.dtype}), got {q_rope.dtype}")
+        if tuple(q_rope.shape) != (b, s_q, h_q, D_ROPE):
+            raise ValueError(
+                f"q[1] (rope) must be [b, s_q, h_q, {D_ROPE}] = {(b, s_q, h_q, D_ROPE)}, got {tuple(q_rope.shape)}"
+            )
+        _check_q_part("q[1] (rope)", q_rope)
+        tensors["q_rope"] = q_rope
     if head_dim_v != D_V:
         raise ValueError(f"head_dim_v must be {D_V} (the latent width), got {head_dim_v}")
-    if q.stride(-1) != 1:
-        raise ValueError(f"q's last dim must be contiguous (stride 1), got stride {q.stride(-1)}")
-    if any(s % 8 for s in q.stride()[:-1]) or q.data_ptr() % 16:
-        raise ValueError(f"q's rows must be 16-byte aligned (strides multiple of 8 elements), got strides {q.stride()}")
+    _check_q_part(q_name, q)
 
     if k_cache.dtype != q.dtype:
         raise TypeError(f"k_cache dtype must match q ({q.dtype}), got {k_cache.dtype}")
@@ -248,6 +284,7 @@ def flash_mla_with_kvcache(
     lse_accum = torch.empty(slots, s_q * h_q, dtype=torch.float32, device=q.device)
     ops().decode(
         q,
+        q_rope,
         k_cache,
         block_table,
         cache_seqlens,

@@ -86,7 +86,7 @@ __device__ __forceinline__ void rescale(float (&o)[Config::O_FRAG], const float 
 template <typename Config, bool Q_IN_REGS>
 __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
     decode_kernel(const __grid_constant__ DecodeParams params, const __grid_constant__ CUtensorMap tmap_kv,
-                  const __grid_constant__ CUtensorMap tmap_q) {
+                  const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_q_rope) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Smem = SharedStorage<Config>;
   using Loop = Mainloop<Config>;
@@ -125,10 +125,11 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
     } else if (producer_tid == 32 * Config::Q_PRODUCER_WARP) {
       uint32_t q_phase = 0;
       cute::prefetch_tma_descriptor(&tmap_q);
+      cute::prefetch_tma_descriptor(&tmap_q_rope);
 #pragma unroll 1  // unrolled, the copies' addresses of several requests outgrow the 24 registers
       for (int req = rec.begin_req; req <= rec.end_req; ++req, q_phase ^= 1) {
         Mbarrier::wait(&smem.q_empty, q_phase ^ 1);  // passes at once for the first request
-        Loop::load_q(smem, &tmap_q, req, m_block);
+        Loop::load_q(smem, &tmap_q, &tmap_q_rope, req, m_block);
       }
     }
     return;

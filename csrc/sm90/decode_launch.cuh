@@ -19,16 +19,16 @@ constexpr CUtensorMapDataType tensor_map_dtype() {
                                                                         : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
 }
 
-// A 3-D tensor [outer][rows][D_QK] of Config::Element (row_stride and outer_stride in elements), loaded
+// A 3-D tensor [outer][rows][cols] of Config::Element (row_stride and outer_stride in elements), loaded
 // as boxes of [1][box_rows][BOX_COLS] with 128-byte swizzling, the layout the wgmma descriptors expect.
 // Rows past `rows` are outside the tensor: TMA fills them with zeros.
 template <typename Config>
-cudaError_t make_row_tensor_map(CUtensorMap* map, const void* base, int64_t rows, int64_t outer, int64_t row_stride,
-                                int64_t outer_stride, int box_rows) {
+cudaError_t make_row_tensor_map(CUtensorMap* map, const void* base, int64_t cols, int64_t rows, int64_t outer,
+                                int64_t row_stride, int64_t outer_stride, int box_rows) {
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return cudaErrorSymbolNotFound;
   constexpr int ELEM = int(sizeof(typename Config::Element));
-  const cuuint64_t dims[3] = {cuuint64_t(D_QK), cuuint64_t(rows), cuuint64_t(outer)};
+  const cuuint64_t dims[3] = {cuuint64_t(cols), cuuint64_t(rows), cuuint64_t(outer)};
   const cuuint64_t strides[2] = {cuuint64_t(row_stride * ELEM), cuuint64_t(outer_stride * ELEM)};
   const cuuint32_t box[3] = {cuuint32_t(Config::BOX_COLS), cuuint32_t(box_rows), 1};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
@@ -42,16 +42,17 @@ cudaError_t make_row_tensor_map(CUtensorMap* map, const void* base, int64_t rows
 template <typename Config>
 cudaError_t make_kv_tensor_map(CUtensorMap* map, const void* k_cache, int64_t num_pages, int64_t stride_kv_page,
                                int64_t stride_kv_token) {
-  return make_row_tensor_map<Config>(map, k_cache, PAGE_SIZE, num_pages, stride_kv_token, stride_kv_page,
+  return make_row_tensor_map<Config>(map, k_cache, D_QK, PAGE_SIZE, num_pages, stride_kv_token, stride_kv_page,
                                      Config::BLOCK_N);
 }
 
-// Q as [b][num_q_rows][D_QK] with q_row_stride between its rows (the binding copies a q whose rows have
-// none), loaded a 64-row tile at a time; a tile's padding rows past num_q_rows arrive as zeros.
+// A part of Q as [b][num_q_rows][cols] with q_row_stride between its rows (the binding copies a part
+// whose rows have none), loaded a 64-row tile at a time; a tile's padding rows past num_q_rows arrive as
+// zeros.
 template <typename Config>
-cudaError_t make_q_tensor_map(CUtensorMap* map, const DecodeParams& params) {
-  const int64_t stride_row = q_row_stride(params.s_q, params.h_q, params.stride_q_s, params.stride_q_h);
-  return make_row_tensor_map<Config>(map, params.q, params.num_q_rows, params.b, stride_row, params.stride_q_b,
+cudaError_t make_q_tensor_map(CUtensorMap* map, const QPart& part, int64_t cols, const DecodeParams& params) {
+  const int64_t row_stride = q_row_stride(params.s_q, params.h_q, part.stride_s, part.stride_h);
+  return make_row_tensor_map<Config>(map, part.ptr, cols, params.num_q_rows, params.b, row_stride, part.stride_b,
                                      Config::BLOCK_M);
 }
 
@@ -65,8 +66,10 @@ cudaError_t launch_decode(const DecodeParams& params, const void* k_cache, int64
   CUtensorMap tmap_kv;
   cudaError_t err = make_kv_tensor_map<Config>(&tmap_kv, k_cache, num_pages, stride_kv_page, stride_kv_token);
   if (err != cudaSuccess) return err;
-  CUtensorMap tmap_q;
-  err = make_q_tensor_map<Config>(&tmap_q, params);
+  CUtensorMap tmap_q, tmap_q_rope;
+  err = make_q_tensor_map<Config>(&tmap_q, params.q, D_V, params);
+  if (err != cudaSuccess) return err;
+  err = make_q_tensor_map<Config>(&tmap_q_rope, params.q_rope, D_ROPE, params);
   if (err != cudaSuccess) return err;
 
   const int num_m_blocks = (params.num_q_rows + Config::BLOCK_M - 1) / Config::BLOCK_M;
@@ -74,7 +77,7 @@ cudaError_t launch_decode(const DecodeParams& params, const void* k_cache, int64
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
   if (err != cudaSuccess) return err;
   const dim3 grid(num_m_blocks, params.num_sm_parts);
-  kernel<<<grid, Config::NUM_THREADS, SMEM_BYTES, stream>>>(params, tmap_kv, tmap_q);
+  kernel<<<grid, Config::NUM_THREADS, SMEM_BYTES, stream>>>(params, tmap_kv, tmap_q, tmap_q_rope);
   return cudaGetLastError();
 }
 

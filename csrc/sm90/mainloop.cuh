@@ -46,15 +46,21 @@ struct Mainloop {
   }
 
   // Q producer (one thread): the tile's Q rows of one request as 9 TMA boxes of [64 rows, 64 columns]
-  // completing on q_full. Rows past s_q * h_q lie outside the tensor map, and TMA fills them with zeros.
-  __device__ static void load_q(Smem& smem, const CUtensorMap* tmap_q, int req, int m_block) {
+  // completing on q_full, eight from the latent part and the last from the RoPE part. Rows past
+  // s_q * h_q lie outside the tensor maps, and TMA fills them with zeros.
+  __device__ static void load_q(Smem& smem, const CUtensorMap* tmap_q, const CUtensorMap* tmap_q_rope, int req,
+                                int m_block) {
     static_assert(Config::Q_BYTES == int(sizeof(smem.q)), "the boxes fill the Q tile, as q_full expects");
+    static_assert(D_ROPE == Config::BOX_COLS, "Q's RoPE part is exactly its last box");
     Mbarrier::arrive_and_expect_tx(&smem.q_full, Config::Q_BYTES);
+    const int row0 = m_block * Config::BLOCK_M;
 #pragma unroll
-    for (int box = 0; box < Config::NUM_QK_BOXES; ++box) {
+    for (int box = 0; box < Config::NUM_V_BOXES; ++box) {
       cute::SM90_TMA_LOAD_3D::copy(tmap_q, &smem.q_full, CACHE_HINT_EVICT_NORMAL, smem.q[box], box * Config::BOX_COLS,
-                                   m_block * Config::BLOCK_M, req);
+                                   row0, req);
     }
+    cute::SM90_TMA_LOAD_3D::copy(tmap_q_rope, &smem.q_full, CACHE_HINT_EVICT_NORMAL, smem.q[Config::ROPE_BOX], 0, row0,
+                                 req);
   }
 
   // Every MMA warp is done with the Q tile: its warpgroup's last QK^T of the request retired, or the
