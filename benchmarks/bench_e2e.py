@@ -69,6 +69,9 @@ MIN_WORKER_S = 90
 # Decode steps the warm-up may spend beyond --warmup-steps before it has seen that many full steps
 # in a row (the first steps after prefill may still be settling).
 WARMUP_SLACK = 32
+# Kernels a run lists in top_kernels by default: down to about 1% of a step's GPU time in the H200 runs.
+TOP_KERNELS = 12
+KERNEL_NAME_CHARS = 300  # of a kernel's name kept in top_kernels (template arguments make them long)
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ def kernel_family(name: str) -> str | None:
     return None
 
 
-def summarize_kernels(kernels: list[tuple[str, float]], num_layers: int, expected: str, top_n: int = 12) -> dict:
+def summarize_kernels(kernels: list[tuple[str, float]], num_layers: int, expected: str, top_n: int = TOP_KERNELS) -> dict:
     """Per-step GPU time by kernel from profiled (name, microseconds) pairs.
 
     The number of steps profiled is the number of main decode kernels of the expected backend divided
@@ -229,7 +232,7 @@ def summarize_kernels(kernels: list[tuple[str, float]], num_layers: int, expecte
         "kernel_families_us_per_step": {f: round(us / steps, 1) for f, us in sorted(family_us.items())},
         "top_kernels": [
             {
-                "name": name[:300],
+                "name": name[:KERNEL_NAME_CHARS],
                 "family": kernel_family(name) or "other",
                 "us_per_step": round(us / steps, 2),
                 "calls_per_step": round(calls / steps, 2),
@@ -537,6 +540,41 @@ def run_worker_phases(spec: dict, rec: dict, t0: float) -> None:
     rec["phase"] = "done"
 
 
+def launch_facts(trace_events: list[dict], names: list[str]) -> dict[str, dict]:
+    """How each named kernel was launched, from a torch.profiler Chrome trace's kernel events: its
+    grid and block (the most common of its launches), the streams it ran on, and the share of its
+    launches that overlapped in time a kernel on another stream (a kernel that shares the GPU with
+    another one takes longer without doing more work)."""
+    kernels = [e for e in trace_events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    by_stream = defaultdict(list)
+    for e in kernels:
+        by_stream[e.get("args", {}).get("stream")].append((e["ts"], e["ts"] + e.get("dur", 0)))
+    for spans in by_stream.values():
+        spans.sort()
+
+    def overlaps(e) -> bool:
+        t0, t1, own = e["ts"], e["ts"] + e.get("dur", 0), e.get("args", {}).get("stream")
+        return any(a < t1 and t0 < b for stream, spans in by_stream.items() if stream != own for a, b in spans)
+
+    facts = {}
+    for name in names:
+        launches = [e for e in kernels if e["name"][:KERNEL_NAME_CHARS] == name]
+        if not launches:
+            continue
+        shapes = defaultdict(int)
+        for e in launches:
+            args = e.get("args", {})
+            shapes[(tuple(args.get("grid") or ()), tuple(args.get("block") or ()))] += 1
+        (grid, block), _ = max(shapes.items(), key=lambda kv: kv[1])
+        facts[name] = {
+            "grid": list(grid),
+            "block": list(block),
+            "streams": sorted({str(e.get("args", {}).get("stream")) for e in launches}),
+            "overlapped": round(sum(map(overlaps, launches)) / len(launches), 3),
+        }
+    return facts
+
+
 def profile_steps(engine, batch: int, spec: dict, num_layers: int) -> dict:
     import torch
     from torch.autograd import DeviceType
@@ -548,7 +586,20 @@ def profile_steps(engine, batch: int, spec: dict, num_layers: int) -> dict:
         torch.cuda.synchronize()
     events = prof.events()
     kernels = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
-    summary = summarize_kernels(kernels, num_layers, spec["family"])
+    summary = summarize_kernels(kernels, num_layers, spec["family"], spec["top_kernels"])
+    # The Chrome trace carries what events() does not: each kernel's grid, block and stream. Without
+    # it the per-kernel times above still stand.
+    trace_path = Path(spec["result_path"]).with_suffix(".trace.json")
+    try:
+        prof.export_chrome_trace(str(trace_path))
+        trace = json.loads(trace_path.read_text()).get("traceEvents", [])
+        facts = launch_facts(trace, [k["name"] for k in summary.get("top_kernels", [])])
+        for k in summary.get("top_kernels", []):
+            k.update(facts.get(k["name"], {}))
+    except Exception as exc:
+        summary["launch_facts_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+    finally:
+        trace_path.unlink(missing_ok=True)
     # Full CUDA graphs: one launch per step; piecewise: one per graph piece between attention layers.
     graph_launches = sum(1 for e in events if e.name.startswith("cudaGraphLaunch"))
     if summary.get("profiled_steps"):
@@ -672,7 +723,8 @@ def record_line(rec: dict) -> str:
 def kernel_lines(rec: dict, n: int = 8) -> list[str]:
     return [
         f"      {k['us_per_step']:9.1f} us/step {k['fraction']:6.1%} {k['calls_per_step']:6.1f}x  "
-        f"[{k['family']}] {k['name'][:110]}"
+        + (f"grid {'x'.join(map(str, k['grid']))} overlapped {k['overlapped']:4.0%}  " if "grid" in k else "")
+        + f"[{k['family']}] {k['name'][:110]}"
         for k in rec.get("top_kernels", [])[:n]
     ]
 
@@ -763,6 +815,7 @@ def plan(args) -> dict:
         "decode_steps": args.decode_steps,
         "repeats": args.repeats,
         "profile_steps": args.profile_steps,
+        "top_kernels": args.top_kernels,
         "max_tokens": max_tokens,
         "max_model_len": max_model_len,
         "kv_cache_gib_needed": round(kv_bytes / 2**30, 2),
@@ -786,7 +839,9 @@ METHOD = {
     "every request; TPOT = median step of a window of decode_steps steps; tokens/s = batch / TPOT; "
     "median/min/max over the repeats windows",
     "profile": "torch.profiler (CPU+CUDA) over profile_steps further steps; GPU time per kernel, attention = "
-    "kernels of the KERNEL_FAMILIES name patterns; steps counted as main decode kernels / attention layers",
+    "kernels of the KERNEL_FAMILIES name patterns; steps counted as main decode kernels / attention layers; "
+    "for the top_kernels, the profile's Chrome trace gives grid, block, streams and the share of launches "
+    "that overlapped a kernel on another stream",
     "attention_fraction": "attention kernel time / all GPU time of the profiled steps",
     "attention_share_of_step": "attention kernel time per step / median step time (wall)",
     "gpu_share_of_step": "all GPU time per step / median step time (wall); well below 1 means CPU-bound steps",
@@ -811,6 +866,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed windows per run (default 3)")
     p.add_argument("--warmup-steps", type=int, default=16, help="untimed decode steps first (default 16)")
     p.add_argument("--profile-steps", type=int, default=4, help="decode steps profiled afterwards (default 4)")
+    p.add_argument(
+        "--top-kernels",
+        type=int,
+        default=TOP_KERNELS,
+        help=f"kernels listed per run in top_kernels, by GPU time per step (default {TOP_KERNELS})",
+    )
     p.add_argument(
         "--rounds", type=int, default=1, help="run the backend list this many times, each run a fresh process"
     )
@@ -852,6 +913,7 @@ def parse_args(argv=None):
         "--repeats must be >= 1": args.repeats >= 1,
         "--warmup-steps must be >= 1": args.warmup_steps >= 1,
         "--profile-steps must be >= 1": args.profile_steps >= 1,
+        "--top-kernels must be >= 1": args.top_kernels >= 1,
         "--rounds must be >= 1": args.rounds >= 1,
         "--gpu-memory-utilization must be in (0, 1]": 0 < args.gpu_memory_utilization <= 1,
         f"--worker-timeout must be >= {MIN_WORKER_S}": args.worker_timeout >= MIN_WORKER_S,
@@ -878,7 +940,7 @@ def run_backend(name: str, label: str, cfg: dict, args, model_dir: Path, log_dir
         "async_scheduling": False if args.no_async_scheduling else None,
         **{
             k: cfg[k]
-            for k in ("batch", "context", "warmup_steps", "decode_steps", "repeats", "profile_steps")
+            for k in ("batch", "context", "warmup_steps", "decode_steps", "repeats", "profile_steps", "top_kernels")
             + ("max_tokens", "max_model_len", "seed", "gpu_memory_utilization")
         },
     }

@@ -36,3 +36,38 @@ def test_markdown_mode_needs_no_gpu(capsys):
 def test_markdown_needs_a_file():
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--markdown"])
+
+
+def test_kernel_summary_counts_steps_by_the_main_kernel_and_lists_top_n():
+    # 2 layers x 3 steps of our decode + combine, with other kernels in between.
+    step = [("vllm_flashmla::sm90::decode_kernel<...>", 100.0), ("vllm_flashmla::combine_kernel<...>", 10.0),
+            ("nvjet_gemm", 40.0), ("triton_red_fused_4", 5.0)]
+    s = bench_e2e.summarize_kernels(step * 2 * 3, num_layers=2, expected="ours", top_n=3)
+    assert s["error"] is None and s["profiled_steps"] == 3
+    assert s["gpu_us_per_step"] == 310.0 and s["attention_us_per_step"] == 220.0
+    assert [k["name"] for k in s["top_kernels"]] == [step[0][0], step[2][0], step[1][0]]
+    assert s["top_kernels"][0]["calls_per_step"] == 2
+    missing = bench_e2e.summarize_kernels(step[2:] * 4, num_layers=2, expected="ours")
+    assert "profiled_steps" not in missing and missing["error"].startswith("no decode_kernel kernel of ours")
+
+
+def test_top_kernels_option_reaches_the_plan():
+    args = bench_e2e.parse_args(["--dry-run", "--top-kernels", "60"])
+    assert bench_e2e.plan(args)["top_kernels"] == 60
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--dry-run", "--top-kernels", "0"])
+
+
+def test_launch_facts_report_grid_streams_and_overlap_with_other_streams():
+    def kernel(name, ts, dur, stream, grid=(4, 1, 1)):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur,
+                "args": {"stream": stream, "grid": list(grid), "block": [128, 1, 1]}}
+    trace = [
+        kernel("triton_red_fused_4", 0, 10, 7), kernel("triton_red_fused_4", 100, 10, 7, grid=(8, 1, 1)),
+        kernel("triton_red_fused_4", 200, 10, 7), kernel("side", 205, 50, 9),  # overlaps the third launch
+        kernel("alone", 300, 5, 7), {"ph": "X", "cat": "cpu_op", "name": "alone", "ts": 0, "dur": 999},
+    ]
+    facts = bench_e2e.launch_facts(trace, ["triton_red_fused_4", "alone", "never_ran"])
+    assert facts["triton_red_fused_4"] == {"grid": [4, 1, 1], "block": [128, 1, 1], "streams": ["7"],
+                                           "overlapped": round(1 / 3, 3)}
+    assert facts["alone"]["overlapped"] == 0 and "never_ran" not in facts
