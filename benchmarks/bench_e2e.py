@@ -625,7 +625,15 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def worker_env(backend: Backend) -> dict[str, str]:
+# The caches a worker compiles into: vLLM's (its torch.compile graphs, with Inductor's code and
+# autotuning under them), and Inductor's and Triton's own.
+COMPILE_CACHE_VARS = ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def worker_env(backend: Backend, compile_cache: Path | None = None) -> dict[str, str]:
+    """The worker's environment; with compile_cache, every compile cache lives under that (new)
+    directory, so the worker compiles and autotunes the model itself instead of loading what an
+    earlier worker left."""
     env = dict(os.environ)
     env.pop("VLLM_FLASHMLA_DISABLE", None)
     if backend.plugin_env is not None:
@@ -640,6 +648,8 @@ def worker_env(backend: Backend) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false",
         }
     )
+    if compile_cache is not None:
+        env.update({var: str(compile_cache / var.lower()) for var in COMPILE_CACHE_VARS})
     return env
 
 
@@ -823,6 +833,7 @@ def plan(args) -> dict:
         "block_size": BLOCK_SIZE,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "async_scheduling": "off" if args.no_async_scheduling else "vLLM default",
+        "fresh_compile": args.fresh_compile,
         "seed": args.seed,
         "time_budget_s": args.time_budget,
         "worker_timeout_s": args.worker_timeout,
@@ -878,6 +889,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--no-async-scheduling", action="store_true", help="turn vLLM's async scheduling off")
+    p.add_argument(
+        "--fresh-compile",
+        action="store_true",
+        help="every worker compiles the model into new, temporary cache directories (VLLM_CACHE_ROOT, "
+        "TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) instead of loading the graphs and autotuning of an "
+        "earlier worker of the same backend; adds the compile time (~20 s) to each worker",
+    )
     p.add_argument(
         "--time-budget",
         type=float,
@@ -945,13 +963,18 @@ def run_backend(name: str, label: str, cfg: dict, args, model_dir: Path, log_dir
         },
     }
     t = time.monotonic()
-    returncode, timed_out = run_worker(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        worker_env(backend),
-        timeout_s,
-        log_path,
-        lambda line: say(f"    {label} | {line}"),
-    )
+    compile_cache = Path(tempfile.mkdtemp(prefix=f"bench_e2e_{stem}_compile_")) if args.fresh_compile else None
+    try:
+        returncode, timed_out = run_worker(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+            worker_env(backend, compile_cache),
+            timeout_s,
+            log_path,
+            lambda line: say(f"    {label} | {line}"),
+        )
+    finally:
+        if compile_cache is not None:
+            shutil.rmtree(compile_cache, ignore_errors=True)
     try:
         rec = json.loads(result_path.read_text())
     except (OSError, ValueError):  # killed or crashed before its first save

@@ -71,3 +71,12 @@ def test_launch_facts_report_grid_streams_and_overlap_with_other_streams():
     assert facts["triton_red_fused_4"] == {"grid": [4, 1, 1], "block": [128, 1, 1], "streams": ["7"],
                                            "overlapped": round(1 / 3, 3)}
     assert facts["alone"]["overlapped"] == 0 and "never_ran" not in facts
+
+
+def test_fresh_compile_gives_the_worker_its_own_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CACHE_ROOT", "/shared/cache")
+    backend = bench_e2e.BACKENDS["ours"]
+    assert bench_e2e.worker_env(backend)["VLLM_CACHE_ROOT"] == "/shared/cache"
+    env = bench_e2e.worker_env(backend, tmp_path)
+    assert {env[v] for v in bench_e2e.COMPILE_CACHE_VARS} == {str(tmp_path / v.lower()) for v in bench_e2e.COMPILE_CACHE_VARS}
+    assert bench_e2e.plan(bench_e2e.parse_args(["--dry-run", "--fresh-compile"]))["fresh_compile"] is True
