@@ -247,10 +247,10 @@ def concat_query(inp: Inputs) -> torch.Tensor:
     return torch.cat((inp.q_nope, inp.q_pe), dim=-1).view(s.b, s.s_q, s.h_q, D_QK)
 
 
-def query_parts(inp: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """What vllm_flashmla/backend.py's forward_mqa passes on: the two views as [b, s_q, h_q, *], no copy."""
-    s = inp.shape
-    return inp.q_nope.view(s.b, s.s_q, s.h_q, D_V), inp.q_pe.view(s.b, s.s_q, s.h_q, D_ROPE)
+def query_parts(q_nope: torch.Tensor, q_pe: torch.Tensor, b: int, s_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What vllm_flashmla/backend.py's forward_mqa passes on: vLLM's two [T, h_q, *] views as
+    [b, s_q, h_q, *] views of the same memory, no copy."""
+    return q_nope.view(b, s_q, *q_nope.shape[1:]), q_pe.view(b, s_q, *q_pe.shape[1:])
 
 
 def work(shape: Shape, seqlens: np.ndarray) -> tuple[int, int]:
@@ -295,7 +295,7 @@ class Ours:
     def decode(self, inp: Inputs, kv: torch.Tensor, meta, out: torch.Tensor):
         tile_scheduler_metadata, num_splits = meta
         return self.flash_mla_with_kvcache(
-            query_parts(inp),  # as vllm_flashmla/backend.py's forward_mqa: read in place
+            query_parts(inp.q_nope, inp.q_pe, inp.shape.b, inp.shape.s_q),  # as our backend: read in place
             kv,
             inp.block_table,
             inp.seqlens,

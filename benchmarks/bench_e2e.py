@@ -549,8 +549,6 @@ def launch_facts(trace_events: list[dict], names: list[str]) -> dict[str, dict]:
     by_stream = defaultdict(list)
     for e in kernels:
         by_stream[e.get("args", {}).get("stream")].append((e["ts"], e["ts"] + e.get("dur", 0)))
-    for spans in by_stream.values():
-        spans.sort()
 
     def overlaps(e) -> bool:
         t0, t1, own = e["ts"], e["ts"] + e.get("dur", 0), e.get("args", {}).get("stream")

@@ -2,10 +2,16 @@
 what was expected and what was given. Runs on the CPU: the GPU-only parts (device facts, the op
 itself) are replaced by stand-ins that record what reached them."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from vllm_flashmla import interface
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_decode  # noqa: E402  (vLLM's q layout, shared with the benchmark)
 
 B, S_Q, H_Q, MAX_PAGES, NUM_PAGES = 2, 1, 16, 4, 8
 
@@ -58,11 +64,9 @@ def test_valid_call_reaches_the_op(fake_gpu):
 
 
 def vllm_q_parts(b=B, s_q=S_Q, h_q=H_Q):
-    """q as vLLM's MLA layer hands it over: strided views of two buffers."""
-    tokens = b * s_q
-    latent = torch.randn(h_q, tokens, 512, dtype=torch.bfloat16).transpose(0, 1).view(b, s_q, h_q, 512)
-    rope = torch.randn(tokens, h_q, 192, dtype=torch.bfloat16)[..., 128:].view(b, s_q, h_q, 64)
-    return latent, rope
+    """q as our backend passes vLLM's two views on: strided views of two buffers."""
+    q = torch.randn(b, s_q, h_q, 576, dtype=torch.bfloat16)
+    return bench_decode.query_parts(*bench_decode.vllm_query_views(q), b, s_q)
 
 
 def test_q_as_two_parts_reaches_the_op_in_place(fake_gpu):

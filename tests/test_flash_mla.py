@@ -112,14 +112,6 @@ def test_q_views_into_larger_buffers(view):
     compare(out, lse, ref_out, ref_lse, dtype)
 
 
-def vllm_q_parts(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [b, s_q, h_q, 576] as vLLM's MLA layer hands it to the backend (bench_decode.vllm_query_views),
-    with NaN in the projection's columns that the kernel must not read, as [b, s_q, h_q, *] views."""
-    b, s_q, h_q, _ = q.shape
-    latent, rope = bench_decode.vllm_query_views(q, fill=float("nan"))
-    return latent.view(b, s_q, h_q, 512), rope.view(b, s_q, h_q, 64)
-
-
 # The two parts are read in place when their (s_q, h_q) rows are uniformly strided (s_q = 1, or one
 # head) and copied first otherwise (s_q > 1 with vLLM's token-major latent rows); either way the result
 # is bit for bit the one of the same q as one 576-wide tensor.
@@ -129,7 +121,8 @@ def test_q_as_two_parts_matches_the_joined_q(b, s_q, h_q, seqlens):
     p = make_problem(b, s_q, h_q, seqlens_for(seqlens, b, torch.Generator().manual_seed(5)), torch.bfloat16,
                      s_q > 1, 5)
     joined_out, joined_lse = run_ours(p)
-    parts = vllm_q_parts(p.q)
+    # vLLM's two views, with NaN in the projection's columns that the kernel must not read.
+    parts = bench_decode.query_parts(*bench_decode.vllm_query_views(p.q, fill=float("nan")), b, s_q)
     assert not parts[1].is_contiguous() and (h_q == 1 or not parts[0].is_contiguous())  # one head: [1, T, 512]
     out, lse = run_ours(dataclasses.replace(p, q=parts))
     assert torch.equal(out, joined_out) and torch.equal(lse, joined_lse)
