@@ -540,6 +540,21 @@ def run_worker_phases(spec: dict, rec: dict, t0: float) -> None:
     rec["phase"] = "done"
 
 
+def summarize_host_ops(ops: list[tuple[str, float]], steps: float, top_n: int = TOP_KERNELS) -> list[dict]:
+    """Host time per step by operator from profiled (name, self CPU microseconds) pairs, the top_n
+    largest: where a step's CPU time goes (Python-side ops, CUDA runtime calls such as a synchronize),
+    which sets the step when the GPU waits for the host."""
+    per_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for name, us in ops:
+        per_name[name][0] += us
+        per_name[name][1] += 1
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top_n]
+    return [
+        {"name": name[:KERNEL_NAME_CHARS], "self_us_per_step": round(us / steps, 2), "calls_per_step": round(calls / steps, 2)}
+        for name, (us, calls) in top
+    ]
+
+
 def launch_facts(trace_events: list[dict], names: list[str]) -> dict[str, dict]:
     """How each named kernel was launched, from a torch.profiler Chrome trace's kernel events: its
     grid and block (the most common of its launches), the streams it ran on, and the share of its
@@ -585,6 +600,9 @@ def profile_steps(engine, batch: int, spec: dict, num_layers: int) -> dict:
     events = prof.events()
     kernels = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
     summary = summarize_kernels(kernels, num_layers, spec["family"], spec["top_kernels"])
+    if summary.get("profiled_steps"):
+        host_ops = [(e.name, e.self_cpu_time_total) for e in events if e.device_type == DeviceType.CPU]
+        summary["top_host_ops"] = summarize_host_ops(host_ops, summary["profiled_steps"], spec["top_kernels"])
     # The Chrome trace carries what events() does not: each kernel's grid, block and stream. Without
     # it the per-kernel times above still stand.
     trace_path = Path(spec["result_path"]).with_suffix(".trace.json")
@@ -879,7 +897,8 @@ def parse_args(argv=None):
         "--top-kernels",
         type=int,
         default=TOP_KERNELS,
-        help=f"kernels listed per run in top_kernels, by GPU time per step (default {TOP_KERNELS})",
+        help=f"kernels listed per run in top_kernels, by GPU time per step, and as many host operators in "
+        f"top_host_ops, by self CPU time per step (default {TOP_KERNELS})",
     )
     p.add_argument(
         "--rounds", type=int, default=1, help="run the backend list this many times, each run a fresh process"

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "config.h"
 #include "sched_meta.h"
 
 namespace vllm_flashmla {
@@ -16,8 +17,8 @@ struct SchedParams {
   int num_q_rows;  // s_q * h_q: the rows of every piece's fp32 partial (the piece cost model)
 };
 
-// One part of Q: [b, s_q, h_q, cols] with a contiguous last dim and its (s_q, h_q) rows one stride
-// apart (q_row_stride >= 0); strides in elements. Only the host reads it, to encode the part's TMA map.
+// One part of Q: [b, s_q, h_q, cols] with a contiguous last dim; strides in elements. Only the host
+// reads it, to encode the part's TMA map (q_map_heads below).
 struct QPart {
   const void* ptr;
   int64_t stride_b, stride_s, stride_h;
@@ -43,6 +44,7 @@ struct DecodeParams {
 
   int b, s_q, h_q;
   int num_q_rows;        // s_q * h_q: query rows per request, packed (s_q major, h_q minor)
+  int q_map_heads;       // the "head" extent of Q's tensor maps (q_map_heads below): h_q or num_q_rows
   int num_sm_parts;
   int num_sms;           // SMs of the device (the combine's choice of tiling)
   float scale_log2;      // softmax_scale * log2(e)
@@ -77,9 +79,21 @@ VLLM_FLASHMLA_HOST_DEVICE float* output_lse(const Params& params, int req, int r
   return params.lse + req * params.stride_lse_b + h * params.stride_lse_h + i;
 }
 
-// The stride (elements) between q's packed (s_q, h_q) rows, which the decode kernel loads by TMA as one
-// tensor of rows: the head stride, or the s_q stride when there is one head. -1 when the rows are not
-// uniformly strided (s_q > 1, h_q > 1 and an s_q stride other than h_q head strides).
+// How the decode kernel's TMA maps see a part of Q. A tile is BLOCK_M packed rows (row = s_q index *
+// h_q + head). When h_q divides BLOCK_M, or BLOCK_M divides h_q, a tile is a box of whole heads of
+// consecutive tokens, so each map is [b][s_q][h_q][cols] with the part's own token and head strides:
+// any layout is read in place, vLLM's absorbed latent too (tokens 512 elements apart, heads T x 512).
+// Other head counts (20, 48, 96, ...) cut tiles across tokens; there the map is [b][1][s_q * h_q][cols]
+// and needs one stride between the packed rows (q_row_stride), which the binding makes by copying a
+// part that has none. Either way a map's "heads" extent is q_map_heads, and a tile starting at packed
+// row r loads from head r % q_map_heads of token r / q_map_heads.
+inline bool q_heads_tile(int64_t h_q) { return h_q <= BLOCK_M ? BLOCK_M % h_q == 0 : h_q % BLOCK_M == 0; }
+
+inline int64_t q_map_heads(int64_t s_q, int64_t h_q) { return q_heads_tile(h_q) ? h_q : s_q * h_q; }
+
+// The stride (elements) between q's packed (s_q, h_q) rows when they form one dimension: the head
+// stride, or the s_q stride when there is one head. -1 when the rows are not uniformly strided (s_q > 1,
+// h_q > 1 and an s_q stride other than h_q head strides).
 inline int64_t q_row_stride(int64_t s_q, int64_t h_q, int64_t stride_q_s, int64_t stride_q_h) {
   if (h_q == 1) return stride_q_s;
   return s_q == 1 || stride_q_s == h_q * stride_q_h ? stride_q_h : -1;

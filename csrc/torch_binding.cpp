@@ -57,14 +57,16 @@ void check_int32_cuda(const at::Tensor& t, const char* name, const at::Tensor& l
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // One part of Q as the kernel loads it by TMA: [b, s_q, h_q, cols] with a contiguous last dim and
-// 16-byte aligned rows, its (s_q, h_q) rows one stride apart. A part without that stride (a strided
-// view into a larger buffer) is copied into that layout first, on the current stream.
+// 16-byte aligned rows. Read in place, except where the maps need one stride between the packed
+// (s_q, h_q) rows (q_map_heads in params.h: head counts that do not tile BLOCK_M) and the part has
+// none; that part is copied into that layout first, on the current stream.
 at::Tensor q_part_rows(const at::Tensor& part, const char* name) {
   FLASHMLA_CHECK(part.stride(3) == 1 && part.stride(0) % 8 == 0 && part.stride(1) % 8 == 0 &&
                      part.stride(2) % 8 == 0 && aligned16(part),
                  name, " must have a contiguous last dim and 16-byte aligned rows");
-  const bool uniform_rows = q_row_stride(part.size(1), part.size(2), part.stride(1), part.stride(2)) >= 0;
-  return uniform_rows ? part : part.contiguous();
+  const int64_t s_q = part.size(1), h_q = part.size(2);
+  const bool in_place = q_heads_tile(h_q) || q_row_stride(s_q, h_q, part.stride(1), part.stride(2)) >= 0;
+  return in_place ? part : part.contiguous();
 }
 
 QPart q_part(const at::Tensor& rows) { return {rows.data_ptr(), rows.stride(0), rows.stride(1), rows.stride(2)}; }
@@ -162,6 +164,7 @@ void decode(const at::Tensor& q, const std::optional<at::Tensor>& q_rope, const 
   params.s_q = int(s_q);
   params.h_q = int(h_q);
   params.num_q_rows = int(s_q * h_q);
+  params.q_map_heads = int(q_map_heads(s_q, h_q));
   params.num_sm_parts = int(num_sm_parts);
   // A cached device attribute, not a stream operation: safe while a CUDA graph is captured.
   check_cuda(cudaDeviceGetAttribute(&params.num_sms, cudaDevAttrMultiProcessorCount, q.get_device()),
@@ -188,7 +191,8 @@ std::vector<int64_t> layout_info() {
           PARTIAL_ROWS_PER_PAGE,
           D_QK,
           D_V,
-          PAGE_SIZE};
+          PAGE_SIZE,
+          BLOCK_M};
 }
 
 }  // namespace

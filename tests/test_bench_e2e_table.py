@@ -51,6 +51,13 @@ def test_kernel_summary_counts_steps_by_the_main_kernel_and_lists_top_n():
     assert "profiled_steps" not in missing and missing["error"].startswith("no decode_kernel kernel of ours")
 
 
+def test_host_ops_are_self_time_per_step_largest_first():
+    ops = [("cudaGraphLaunch", 30.0), ("aten::copy_", 5.0), ("cudaStreamSynchronize", 400.0)] * 4
+    top = bench_e2e.summarize_host_ops(ops, steps=4, top_n=2)
+    assert top == [{"name": "cudaStreamSynchronize", "self_us_per_step": 400.0, "calls_per_step": 1.0},
+                   {"name": "cudaGraphLaunch", "self_us_per_step": 30.0, "calls_per_step": 1.0}]
+
+
 def test_top_kernels_option_reaches_the_plan():
     args = bench_e2e.parse_args(["--dry-run", "--top-kernels", "60"])
     assert bench_e2e.plan(args)["top_kernels"] == 60

@@ -89,9 +89,9 @@ def test_deterministic():
     assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
 
 
-# q as a view into a larger NaN-filled buffer. The kernel loads Q by TMA with one stride between the
-# packed (s_q, h_q) rows: uniformly strided views are loaded in place (rows wider than 576, a gap
-# between requests), the others are first copied into that layout by the binding (spare heads).
+# q as a view into a larger NaN-filled buffer. The kernel loads Q by TMA with the view's own token and
+# head strides when h_q tiles the 64-row block (16 here); with other head counts (20) the packed rows
+# need one stride between them, so views with a gap between tokens (spare heads) are copied first.
 Q_VIEWS = {
     "wide_rows": lambda q: (q.shape[0], q.shape[1], q.shape[2], 640),
     "request_gap": lambda q: (q.shape[0], q.shape[1] + 1, q.shape[2], 576),
@@ -100,8 +100,9 @@ Q_VIEWS = {
 
 
 @pytest.mark.parametrize("view", sorted(Q_VIEWS))
-def test_q_views_into_larger_buffers(view):
-    b, s_q, h_q, dtype = 6, 2, 16, torch.bfloat16
+@pytest.mark.parametrize("h_q", [16, 20])
+def test_q_views_into_larger_buffers(view, h_q):
+    b, s_q, dtype = 6, 2, torch.bfloat16
     p = make_problem(b, s_q, h_q, [0, 1, 700, 64, 4097, 300], dtype, True, 11)
     big = torch.full(Q_VIEWS[view](p.q), float("nan"), dtype=dtype, device="cuda")
     q = big[:b, :s_q, :h_q, :576]
@@ -112,11 +113,14 @@ def test_q_views_into_larger_buffers(view):
     compare(out, lse, ref_out, ref_lse, dtype)
 
 
-# The two parts are read in place when their (s_q, h_q) rows are uniformly strided (s_q = 1, or one
-# head) and copied first otherwise (s_q > 1 with vLLM's token-major latent rows); either way the result
-# is bit for bit the one of the same q as one 576-wide tensor.
+# The two parts are read in place when h_q tiles the 64-row block (any token and head strides, vLLM's
+# token-major latent rows with s_q > 1 too) or their (s_q, h_q) rows are uniformly strided, and copied
+# first otherwise (h_q = 20 with s_q > 1); either way the result is bit for bit the one of the same q
+# as one 576-wide tensor.
 @pytest.mark.parametrize("b,s_q,h_q,seqlens", [(6, 1, 16, "mixed"), (3, 1, 128, "normal:3000"), (5, 2, 16, "mixed"),
-                                               (4, 2, 1, "normal:500"), (2, 4, 128, "4096")])
+                                               (4, 2, 1, "normal:500"), (2, 4, 128, "4096"), (5, 2, 64, "mixed"),
+                                               (3, 8, 8, "mixed"), (3, 3, 32, "normal:700"), (4, 2, 20, "mixed"),
+                                               (2, 1, 20, "normal:900")])
 def test_q_as_two_parts_matches_the_joined_q(b, s_q, h_q, seqlens):
     p = make_problem(b, s_q, h_q, seqlens_for(seqlens, b, torch.Generator().manual_seed(5)), torch.bfloat16,
                      s_q > 1, 5)
@@ -218,8 +222,10 @@ def main():
     if args.small:
         for b, s_q, h_q, kind, causal in [(3, 2, 20, "mixed", True), (2, 1, 128, "130", False), (4, 1, 16, "mixed", False)]:
             print(f"b={b} s_q={s_q} h_q={h_q} seqlens={kind} causal={causal}: {check_case(b, s_q, h_q, kind, torch.bfloat16, causal)}")
-        test_q_as_two_parts_matches_the_joined_q(3, 1, 128, "mixed")  # q from vLLM's two views, in place
-        print("b=3 s_q=1 h_q=128 seqlens=mixed, q as (latent, rope) views: bit-identical to the joined q")
+        # q from vLLM's two views: read in place (boxes of one token, then of four tokens), and copied first
+        for b, s_q, h_q in [(3, 1, 128), (3, 2, 16), (2, 2, 20)]:
+            test_q_as_two_parts_matches_the_joined_q(b, s_q, h_q, "mixed")
+            print(f"b={b} s_q={s_q} h_q={h_q} seqlens=mixed, q as (latent, rope) views: bit-identical to the joined q")
         return
     shapes = itertools.chain(
         ((128, s_q, h, s_k) for s_k in ("4096", "8192") for h in (16, 32, 64, 128) for s_q in (1, 2)),

@@ -13,7 +13,7 @@ D_ROPE = 64  # decoupled RoPE key width
 D_QK = D_V + D_ROPE  # 576
 PAGE_SIZE = 64  # tokens per KV page
 H_KV = 1  # MLA: one latent KV head
-BLOCK_M = 64  # packed query rows (s_q * h_q) per decode CTA tile
+BLOCK_M = 64  # packed query rows (s_q * h_q) per decode CTA tile (csrc/config.h)
 # Largest h_q and s_q the kernels are tested for (tests/test_flash_mla.py); the vLLM backend enforces
 # them. DeepSeek-V2/V3 have 128 query heads at TP1; MTP/speculative decode sends a few tokens.
 MAX_H_Q = 128
@@ -49,7 +49,7 @@ def check_against_extension(layout_info: list[int]) -> None:
     int32 = 4
     expected = [SCHED_RECORD_INTS * int32]
     expected += [i * int32 for i, _ in enumerate(fields(SchedRecord))]
-    expected += [FIXED_OVERHEAD_PAGES, FEW_ROWS, FEW_ROWS_OVERHEAD_PAGES, PARTIAL_ROWS_PER_PAGE, D_QK, D_V, PAGE_SIZE]
+    expected += [FIXED_OVERHEAD_PAGES, FEW_ROWS, FEW_ROWS_OVERHEAD_PAGES, PARTIAL_ROWS_PER_PAGE, D_QK, D_V, PAGE_SIZE, BLOCK_M]
     if list(layout_info) != expected:
         raise RuntimeError(
             "flashmla_kernels was built from sources whose scheduler layout or constants differ from "

@@ -158,9 +158,9 @@ def flash_mla_with_kvcache(
 
     Args:
         q: [b, s_q, h_q, 576] bf16/fp16, last dim contiguous; or its two parts as a tuple (q_latent
-            [b, s_q, h_q, 512], q_rope [b, s_q, h_q, 64]), e.g. views of separate buffers, read in place. The
-            kernel reads the (s_q, h_q) rows of each by TMA with one stride; a part whose s_q stride is not h_q
-            head strides is copied into that layout first.
+            [b, s_q, h_q, 512], q_rope [b, s_q, h_q, 64]), e.g. views of separate buffers, read in place
+            with their own strides. Only with a head count that neither divides 64 nor is a multiple of 64
+            (e.g. 20) and s_q > 1 is a part whose s_q stride is not h_q head strides copied first.
         k_cache: [num_pages, 64, 1, 576] (or [num_pages, 64, 576]) of q's dtype; V is its first 512 columns.
         block_table: int32 [b, max_pages], page ids of each request in order.
         cache_seqlens: int32 [b], keys per request; 0 gives out = 0 and lse = +inf.

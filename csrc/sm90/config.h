@@ -31,7 +31,7 @@ struct DecodeConfig {
   using Element = Element_;
   static_assert(sizeof(Element) == 2, "bf16/fp16 only");
 
-  static constexpr int BLOCK_M = 64;            // query rows per tile: the wgmma M
+  static constexpr int BLOCK_M = vllm_flashmla::BLOCK_M;  // query rows per tile: the wgmma M
   static constexpr int BLOCK_N = PAGE_SIZE;     // keys per mainloop step: one KV page (one TMA box row range)
   static constexpr int SWIZZLE_BYTES = 128;     // TMA SWIZZLE_128B: a box row is 128 bytes
   static constexpr int BOX_COLS = SWIZZLE_BYTES / int(sizeof(Element));  // 64 columns per box

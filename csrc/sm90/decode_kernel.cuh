@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(Config::NUM_THREADS, 1)
 #pragma unroll 1  // unrolled, the copies' addresses of several requests outgrow the 24 registers
       for (int req = rec.begin_req; req <= rec.end_req; ++req, q_phase ^= 1) {
         Mbarrier::wait(&smem.q_empty, q_phase ^ 1);  // passes at once for the first request
-        Loop::load_q(smem, &tmap_q, &tmap_q_rope, req, m_block);
+        Loop::load_q(smem, &tmap_q, &tmap_q_rope, req, m_block, params.q_map_heads);
       }
     }
     return;

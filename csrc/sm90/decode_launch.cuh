@@ -19,20 +19,25 @@ constexpr CUtensorMapDataType tensor_map_dtype() {
                                                                         : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
 }
 
-// A 3-D tensor [outer][rows][cols] of Config::Element (row_stride and outer_stride in elements), loaded
-// as boxes of [1][box_rows][BOX_COLS] with 128-byte swizzling, the layout the wgmma descriptors expect.
-// Rows past `rows` are outside the tensor: TMA fills them with zeros.
-template <typename Config>
-cudaError_t make_row_tensor_map(CUtensorMap* map, const void* base, int64_t cols, int64_t rows, int64_t outer,
-                                int64_t row_stride, int64_t outer_stride, int box_rows) {
+// A RANK-D tensor of Config::Element, dims[0] its contiguous columns (dims and strides innermost first,
+// strides in elements for dims 1..RANK-1), loaded as boxes whose first dim is BOX_COLS with 128-byte
+// swizzling, the layout the wgmma descriptors expect. Box parts outside the tensor arrive as zeros.
+template <typename Config, int RANK>
+cudaError_t make_tensor_map(CUtensorMap* map, const void* base, const int64_t (&dims)[RANK],
+                            const int64_t (&strides)[RANK - 1], const int (&box)[RANK]) {
+  static_assert(2 <= RANK && RANK <= 5, "a map of columns and 1 to 4 outer dims (TMA takes at most 5)");
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return cudaErrorSymbolNotFound;
   constexpr int ELEM = int(sizeof(typename Config::Element));
-  const cuuint64_t dims[3] = {cuuint64_t(cols), cuuint64_t(rows), cuuint64_t(outer)};
-  const cuuint64_t strides[2] = {cuuint64_t(row_stride * ELEM), cuuint64_t(outer_stride * ELEM)};
-  const cuuint32_t box[3] = {cuuint32_t(Config::BOX_COLS), cuuint32_t(box_rows), 1};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult res = encode(map, tensor_map_dtype<Config>(), 3, const_cast<void*>(base), dims, strides, box,
+  cuuint64_t dims_[RANK], strides_[RANK - 1];
+  cuuint32_t box_[RANK], elem_strides[RANK];
+  for (int i = 0; i < RANK; ++i) {
+    dims_[i] = cuuint64_t(dims[i]);
+    box_[i] = cuuint32_t(box[i]);
+    elem_strides[i] = 1;
+    if (i > 0) strides_[i - 1] = cuuint64_t(strides[i - 1] * ELEM);
+  }
+  const CUresult res = encode(map, tensor_map_dtype<Config>(), RANK, const_cast<void*>(base), dims_, strides_, box_,
                               elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
@@ -42,18 +47,26 @@ cudaError_t make_row_tensor_map(CUtensorMap* map, const void* base, int64_t cols
 template <typename Config>
 cudaError_t make_kv_tensor_map(CUtensorMap* map, const void* k_cache, int64_t num_pages, int64_t stride_kv_page,
                                int64_t stride_kv_token) {
-  return make_row_tensor_map<Config>(map, k_cache, D_QK, PAGE_SIZE, num_pages, stride_kv_token, stride_kv_page,
-                                     Config::BLOCK_N);
+  return make_tensor_map<Config, 3>(map, k_cache, {D_QK, PAGE_SIZE, num_pages}, {stride_kv_token, stride_kv_page},
+                                    {Config::BOX_COLS, Config::BLOCK_N, 1});
 }
 
-// A part of Q as [b][num_q_rows][cols] with q_row_stride between its rows (the binding copies a part
-// whose rows have none), loaded a 64-row tile at a time; a tile's padding rows past num_q_rows arrive as
-// zeros.
+// A part of Q as [b][tokens][heads][cols] (params.h, q_map_heads), loaded a BLOCK_M-row tile at a time as a
+// box of [1][BLOCK_M / box heads][box heads][BOX_COLS]: whole heads of consecutive tokens, or BLOCK_M rows of
+// the packed dimension. Box rows past the part (s_q * h_q not a multiple of BLOCK_M, or past s_q) arrive as
+// zeros, so the tile's padding rows score 0.
 template <typename Config>
 cudaError_t make_q_tensor_map(CUtensorMap* map, const QPart& part, int64_t cols, const DecodeParams& params) {
-  const int64_t row_stride = q_row_stride(params.s_q, params.h_q, part.stride_s, part.stride_h);
-  return make_row_tensor_map<Config>(map, part.ptr, cols, params.num_q_rows, params.b, row_stride, part.stride_b,
-                                     Config::BLOCK_M);
+  const bool tiled = q_heads_tile(params.h_q);
+  const int64_t heads = params.q_map_heads, tokens = tiled ? params.s_q : 1;
+  const int64_t head_stride = tiled ? part.stride_h : q_row_stride(params.s_q, params.h_q, part.stride_s, part.stride_h);
+  if (head_stride < 0) return cudaErrorInvalidValue;  // the binding copies such a part; not reached
+  // One token: its stride is never applied, so any valid one (the request stride) stands in for it.
+  const int64_t token_stride = tokens > 1 ? part.stride_s : part.stride_b;
+  const int box_heads = tiled && params.h_q < Config::BLOCK_M ? params.h_q : Config::BLOCK_M;  // divides BLOCK_M
+  return make_tensor_map<Config, 4>(map, part.ptr, {cols, heads, tokens, params.b},
+                                    {head_stride, token_stride, part.stride_b},
+                                    {Config::BOX_COLS, box_heads, Config::BLOCK_M / box_heads, 1});
 }
 
 template <typename Element>

@@ -46,21 +46,24 @@ struct Mainloop {
   }
 
   // Q producer (one thread): the tile's Q rows of one request as 9 TMA boxes of [64 rows, 64 columns]
-  // completing on q_full, eight from the latent part and the last from the RoPE part. Rows past
-  // s_q * h_q lie outside the tensor maps, and TMA fills them with zeros.
+  // completing on q_full, eight from the latent part and the last from the RoPE part. The maps are
+  // [b][tokens][heads][cols] with q_map_heads heads (params.h); a box is whole heads of consecutive
+  // tokens, so its rows land in smem in packed-row order. Rows past s_q * h_q lie outside the maps, and
+  // TMA fills them with zeros.
   __device__ static void load_q(Smem& smem, const CUtensorMap* tmap_q, const CUtensorMap* tmap_q_rope, int req,
-                                int m_block) {
+                                int m_block, int q_map_heads) {
     static_assert(Config::Q_BYTES == int(sizeof(smem.q)), "the boxes fill the Q tile, as q_full expects");
     static_assert(D_ROPE == Config::BOX_COLS, "Q's RoPE part is exactly its last box");
     Mbarrier::arrive_and_expect_tx(&smem.q_full, Config::Q_BYTES);
     const int row0 = m_block * Config::BLOCK_M;
+    const int head0 = row0 % q_map_heads, token0 = row0 / q_map_heads;
 #pragma unroll
     for (int box = 0; box < Config::NUM_V_BOXES; ++box) {
-      cute::SM90_TMA_LOAD_3D::copy(tmap_q, &smem.q_full, CACHE_HINT_EVICT_NORMAL, smem.q[box], box * Config::BOX_COLS,
-                                   row0, req);
+      cute::SM90_TMA_LOAD_4D::copy(tmap_q, &smem.q_full, CACHE_HINT_EVICT_NORMAL, smem.q[box], box * Config::BOX_COLS,
+                                   head0, token0, req);
     }
-    cute::SM90_TMA_LOAD_3D::copy(tmap_q_rope, &smem.q_full, CACHE_HINT_EVICT_NORMAL, smem.q[Config::ROPE_BOX], 0, row0,
-                                 req);
+    cute::SM90_TMA_LOAD_4D::copy(tmap_q_rope, &smem.q_full, CACHE_HINT_EVICT_NORMAL, smem.q[Config::ROPE_BOX], 0, head0,
+                                 token0, req);
   }
 
   // Every MMA warp is done with the Q tile: its warpgroup's last QK^T of the request retired, or the
