@@ -63,6 +63,18 @@ VLLM_FLASHMLA_HOST_DEVICE int budget_of(int total_pages, int b, int num_sm_parts
   return (total_pages + b * overhead + num_sm_parts - 1) / num_sm_parts + overhead;
 }
 
+// The piece plan carries `piece` pages plus the overhead in every part it uses, the budget plan at most
+// `budget`. Where the piece plan splits requests anyway (piece < longest) it can cost more than the
+// budget plan's balance, whose parts all carry work: requests of more than one tile with pieces dearer
+// than the budget take the budget plan. On the H200 all 11 such shapes measured (13 timings) ran faster,
+// 1.004-1.020x (b = 2 to 32 uniform requests of 256-1024 pages with 128 or 256 rows, where the piece
+// plan used 64 of 66 or 32 of 33 parts); with tiles of 16 rows (b = 16 and 32, 512 pages, 132 parts)
+// the budget plan was 0.4-0.6% slower, so they keep the pieces (docs/perf-notes.md, round 20).
+VLLM_FLASHMLA_HOST_DEVICE bool budget_plan_balances_better(int piece, int longest, int budget, int num_q_rows,
+                                                           int overhead) {
+  return num_q_rows > BLOCK_M && piece < longest && piece + overhead > budget;
+}
+
 // Cost model of piece length: a piece of a split request leaves an fp32 partial of every query row
 // (D_V * 4 bytes written by the decode kernel, read back by the combine), and this many such rows cost
 // about as much as one more page in every piece. From the H200 (docs/perf-notes.md, round 7): with 128

@@ -6,7 +6,7 @@
 //
 // * Pieces (only with no more requests than parts): cut every request into pieces of at most P
 //   pages, P the smallest length for which all pieces fit in the parts, and give each piece a part of
-//   its own. Taken when P <= budget. P then grows when longer pieces cost less (cheapest_piece): every
+//   its own. Taken when P <= budget (but see budget_plan_balances_better). P then grows when longer pieces cost less (cheapest_piece): every
 //   piece of a split request writes an fp32 partial of all num_q_rows rows that the combine reads
 //   back, and with 128 rows one-page pieces cost more in partials than they save in pages. No part
 //   starts a second piece (each start costs a Q load and an epilogue), a request that fits in one
@@ -183,8 +183,12 @@ __global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_c
                                                   : INT_MAX;
   if (fit <= budget) {
     const int piece = cheapest_piece(pages, params.b, fit, longest, total_pages, params.num_q_rows, lane);
-    if (lane == 0) plan_pieces(params, pages, piece);
-  } else if (lane == 0) {
+    if (!budget_plan_balances_better(piece, longest, budget, params.num_q_rows, FIXED_OVERHEAD_PAGES)) {
+      if (lane == 0) plan_pieces(params, pages, piece);
+      return;
+    }
+  }
+  if (lane == 0) {
     const int overhead = cut_overhead_pages(params.num_q_rows);
     plan_budget(params, pages, budget_of(total_pages, params.b, params.num_sm_parts, overhead), overhead);
   }

@@ -71,7 +71,7 @@ def test_decode_matches_reference(b, s_q, h_q, seqlens, dtype, causal):
     "b,h_q,kind",
     [(1, 16, "100"), (128, 128, "normal:4096"), (64, 16, "mixed"), (500, 64, "normal:300"), (128, 16, "16384"),
      (100, 32, "normal:300"), (32, 128, "1024"), (4, 128, "1024"), (1, 128, "8192"), (128, 16, "normal:8192"),
-     (300, 16, "normal:2000")],
+     (300, 16, "normal:2000"), (32, 128, "32768"), (8, 256, "32768"), (16, 128, "normal:30000")],
 )
 def test_scheduler_matches_python_model(b, h_q, kind):
     seqlens = seqlens_for(kind, b, torch.Generator().manual_seed(1))

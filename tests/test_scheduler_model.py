@@ -12,7 +12,9 @@ from vllm_flashmla._layout import (
     SchedRecord,
 )
 from vllm_flashmla.scheduler import (
+    _plan_budget,
     budget_of,
+    budget_plan_balances_better,
     cheapest_piece,
     cut_overhead_pages,
     num_pages_of,
@@ -123,6 +125,18 @@ def test_few_short_requests_are_cut_into_even_pieces_one_per_part():
     assert all(r.begin_req > r.end_req for r in plan.records[64:])
 
 
+def test_split_multi_tile_requests_take_the_budget_plan_when_pieces_cost_more():
+    # 32 x 512 pages on 66 parts with 128 rows: pieces of 256 pages (+5) fill only 64 parts, more than
+    # the budget of 256 a part carries when all 66 share the work; the budget plan uses every part.
+    assert budget_of([512] * 32, 66) == 256 and smallest_piece([512] * 32, 66) == 256
+    plan = plan_splits([32768] * 32, 66, 128)
+    assert all(r.begin_req <= r.end_req for r in plan.records)
+    assert plan == _plan_budget([512] * 32, 66, 256, FIXED_OVERHEAD_PAGES)
+    # One tile (16 rows) keeps the pieces, and so do pieces that split nothing (one request per part).
+    assert plan_splits([32768] * 32, 132, 16).num_splits == list(range(0, 129, 4))
+    assert plan_splits([16384] * 64, 66, 128).num_splits == list(range(65))
+
+
 @pytest.mark.parametrize("parts", [1, 7, 66, 132])
 @pytest.mark.parametrize("seed", range(20))
 def test_smallest_piece_is_the_smallest_that_fits(parts, seed):
@@ -140,10 +154,12 @@ def test_piece_plans_hold_one_piece_per_part(seqlens, num_sm_parts, rows):
     pages = [num_pages_of(s) for s in seqlens]
     if len(pages) > num_sm_parts:
         pytest.skip("more requests than parts: a budget plan, whose parts may run across requests")
-    fit = smallest_piece(pages, num_sm_parts)
-    if fit > budget_of(pages, num_sm_parts):
+    fit, budget = smallest_piece(pages, num_sm_parts), budget_of(pages, num_sm_parts)
+    if fit > budget:
         pytest.skip("the fitting piece exceeds the budget: a budget plan")
     piece = cheapest_piece(pages, fit, rows)
+    if budget_plan_balances_better(piece, max(pages), budget, rows, FIXED_OVERHEAD_PAGES):
+        pytest.skip("multi-tile requests split into pieces dearer than the budget: a budget plan")
     plan = plan_splits(seqlens, num_sm_parts, rows)
     busy = [r for r in plan.records if r.begin_req <= r.end_req]
     assert len(busy) == plan.num_splits[-1] == sum(pieces_of(p, piece) for p in pages)

@@ -96,6 +96,12 @@ def cheapest_piece(pages: Sequence[int], fit: int, num_q_rows: int) -> int:
     return best
 
 
+def budget_plan_balances_better(piece: int, longest: int, budget: int, num_q_rows: int, overhead: int) -> bool:
+    """Multi-tile requests that the piece plan splits anyway, into pieces dearer than the budget plan's
+    parts, take the budget plan (sched_meta.h)."""
+    return num_q_rows > BLOCK_M and piece < longest and piece + overhead > budget
+
+
 def plan_splits(
     cache_seqlens: Sequence[int],
     num_sm_parts: int,
@@ -110,8 +116,11 @@ def plan_splits(
     choice = FIXED_OVERHEAD_PAGES if overhead is None else overhead
     if len(pages) <= num_sm_parts:
         fit = smallest_piece(pages, num_sm_parts)
-        if fit <= budget_of(pages, num_sm_parts, choice):
-            return _plan_pieces(pages, num_sm_parts, cheapest_piece(pages, fit, num_q_rows))
+        budget = budget_of(pages, num_sm_parts, choice)
+        if fit <= budget:
+            piece = cheapest_piece(pages, fit, num_q_rows)
+            if not budget_plan_balances_better(piece, max(pages, default=0), budget, num_q_rows, choice):
+                return _plan_pieces(pages, num_sm_parts, piece)
     cut = cut_overhead_pages(num_q_rows) if overhead is None else overhead
     return _plan_budget(pages, num_sm_parts, budget_of(pages, num_sm_parts, cut), cut)
 
