@@ -137,6 +137,7 @@ void decode(const at::Tensor& q, const std::optional<at::Tensor>& q_rope, const 
   TORCH_CHECK(k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 && aligned16(k_cache),
               "k_cache pages and tokens must be 16-byte aligned (TMA)");
   if (b == 0) return;
+  FLASHMLA_CHECK(s_q >= 1 && h_q >= 1, "q must have s_q >= 1 and h_q >= 1, got s_q = ", s_q, ", h_q = ", h_q);
 
   const c10::cuda::CUDAGuard guard(q.device());
   // The kernel loads each part of Q as tiles of 64 packed (s_q, h_q) rows by TMA. A 576-wide q gives

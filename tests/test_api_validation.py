@@ -89,6 +89,8 @@ def test_three_dim_cache_is_accepted(fake_gpu):
         (dict(q=torch.randn(B, S_Q, H_Q, 576)), TypeError, "q must be bfloat16 or float16, got float32"),
         (dict(q=torch.randn(B, H_Q, 576, dtype=torch.bfloat16)), ValueError, r"q must be 4-D \[b, s_q, h_q, d_qk\]"),
         (dict(q=torch.randn(B, S_Q, H_Q, 512, dtype=torch.bfloat16)), ValueError, "must be 576, got 512; pass the two parts"),
+        (dict(q=torch.randn(B, S_Q, 0, 576, dtype=torch.bfloat16)), ValueError, r"at least one query token and one head .*\(2, 1, 0, 576\)"),
+        (dict(q=torch.randn(B, 0, H_Q, 576, dtype=torch.bfloat16)), ValueError, r"at least one query token and one head .*\(2, 0, 16, 576\)"),
         (dict(q=(torch.randn(B, S_Q, H_Q, 512, dtype=torch.bfloat16),)), TypeError, "q given as a tuple must be .*got a tuple of 1"),
         (dict(q=(torch.randn(B, S_Q, H_Q, 512, dtype=torch.bfloat16), None)), TypeError, r"q\[1\] \(rope\) must be a torch.Tensor"),
         (dict(q=vllm_q_parts()[::-1]), ValueError, r"q\[0\] \(latent\) must have a head dim of 512, got 64"),

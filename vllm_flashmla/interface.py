@@ -190,6 +190,11 @@ def flash_mla_with_kvcache(
     _require_dtype(q_name, q, _DTYPES)
     _require_rank(q_name, q, 4, "[b, s_q, h_q, d_qk]" if q_rope is None else f"[b, s_q, h_q, {D_V}]")
     b, s_q, h_q, d_q = q.shape
+    if s_q < 1 or h_q < 1:
+        raise ValueError(
+            f"q must hold at least one query token and one head per request (s_q >= 1, h_q >= 1), got shape "
+            f"{tuple(q.shape)}"
+        )
     if q_rope is None and d_q != D_QK:
         raise ValueError(
             f"q's head dim (d_qk = 512 latent + 64 rope) must be {D_QK}, got {d_q}; pass the two parts as a tuple "
