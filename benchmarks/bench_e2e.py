@@ -825,6 +825,14 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def run_order(backends: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, backend) in the order the workers run: the list, then reversed in every other round, so
+    that each backend runs first as often as the others. Until this, ours ran first in every pair, and
+    the slow host-side mode hit the first worker as often as it hit ours (docs/perf-notes.md, round 20):
+    order and backend could not be told apart."""
+    return [(r, name) for r in range(rounds) for name in (backends if r % 2 == 0 else backends[::-1])]
+
+
 def plan(args) -> dict:
     """Everything a run is defined by, derived from the arguments (no GPU needed)."""
     timed = args.warmup_steps + WARMUP_SLACK + args.repeats * args.decode_steps + args.profile_steps
@@ -835,6 +843,7 @@ def plan(args) -> dict:
     return {
         "backends": args.backend_list,
         "rounds": args.rounds,
+        "run_order": [f"{name}#{r + 1}" for r, name in run_order(args.backend_list, args.rounds)],
         "batch": args.batch,
         "context": args.context,
         "warmup_steps": args.warmup_steps,
@@ -901,7 +910,8 @@ def parse_args(argv=None):
         f"top_host_ops, by self CPU time per step (default {TOP_KERNELS})",
     )
     p.add_argument(
-        "--rounds", type=int, default=1, help="run the backend list this many times, each run a fresh process"
+        "--rounds", type=int, default=1,
+        help="run the backend list this many times, each run a fresh process, every other round in reverse order"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
@@ -1081,7 +1091,7 @@ def main(argv=None) -> int:
             f"{args.layers} layers | -> {out_path} | logs in {log_dir}"
         )
 
-        runs = [(r, name) for r in range(args.rounds) for name in args.backend_list]
+        runs = run_order(args.backend_list, args.rounds)
         for i, (rnd, name) in enumerate(runs, 1):
             label = name if args.rounds == 1 else f"{name}#{rnd + 1}"
             remaining = args.time_budget - (time.monotonic() - t_start)

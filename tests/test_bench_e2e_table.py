@@ -58,6 +58,13 @@ def test_host_ops_are_self_time_per_step_largest_first():
                    {"name": "cudaGraphLaunch", "self_us_per_step": 30.0, "calls_per_step": 1.0}]
 
 
+def test_rounds_alternate_which_backend_runs_first():
+    assert bench_e2e.run_order(["ours", "fa3mla"], 3) == [
+        (0, "ours"), (0, "fa3mla"), (1, "fa3mla"), (1, "ours"), (2, "ours"), (2, "fa3mla")]
+    args = bench_e2e.parse_args(["--dry-run", "--backends", "ours,fa3mla", "--rounds", "2"])
+    assert bench_e2e.plan(args)["run_order"] == ["ours#1", "fa3mla#1", "fa3mla#2", "ours#2"]
+
+
 def test_top_kernels_option_reaches_the_plan():
     args = bench_e2e.parse_args(["--dry-run", "--top-kernels", "60"])
     assert bench_e2e.plan(args)["top_kernels"] == 60
