@@ -251,6 +251,52 @@ def spread(values: list[float], digits: int) -> dict:
     }
 
 
+def parse_task_stat(text: str) -> tuple[str, int, int]:
+    """(thread name, CPU time in clock ticks, last CPU it ran on) from a /proc/<pid>/task/<tid>/stat line.
+    The name sits in parentheses and may itself hold spaces or parentheses, so the fields are counted
+    from the last ')'."""
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text[text.rindex(")") + 2 :].split()
+    # After the name: state is field 3 of proc(5), utime 14, stime 15, processor 39.
+    return name, int(fields[11]) + int(fields[12]), int(fields[36])
+
+
+def thread_cpu_snapshot(task_dir: str = "/proc/self/task") -> dict[int, tuple[str, int, int]]:
+    """parse_task_stat of every thread of this process (Linux); threads that end while read are left out."""
+    snap = {}
+    for tid in os.listdir(task_dir):
+        try:
+            with open(os.path.join(task_dir, tid, "stat")) as f:
+                snap[int(tid)] = parse_task_stat(f.read())
+        except (OSError, ValueError, IndexError):
+            continue
+    return snap
+
+
+def thread_cpu_report(before: dict, after: dict, wall_s: float, ticks_per_s: float, top_n: int = 8) -> list[dict]:
+    """The threads that used most CPU between two snapshots: name, CPU seconds, the share of the wall
+    time (1.0 = a core's worth all along, what a spinning thread shows) and the CPU each was last on."""
+    rows = []
+    for tid, (name, ticks, cpu) in after.items():
+        used = (ticks - before.get(tid, (name, 0, cpu))[1]) / ticks_per_s
+        rows.append({"tid": tid, "name": name, "cpu_s": round(used, 3), "share": round(used / wall_s, 3), "last_cpu": cpu})
+    rows.sort(key=lambda r: -r["cpu_s"])
+    return rows[:top_n]
+
+
+def host_facts() -> dict:
+    """Where the worker runs: the CPUs it may use and the machine's load (Linux; empty elsewhere)."""
+    facts = {}
+    if hasattr(os, "sched_getaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        facts["affinity_cpus"] = len(cpus)
+        facts["affinity"] = cpus if len(cpus) <= 32 else f"{cpus[0]}-{cpus[-1]} ({len(cpus)})"
+    if hasattr(os, "getloadavg"):
+        facts["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    facts["cpu_count"] = os.cpu_count()
+    return facts
+
+
 def step_stats(step_s: list[float], batch: int, repeats: int) -> dict:
     """TPOT and tokens/s per window of consecutive decode steps, and their spread over windows."""
     n = len(step_s) // repeats
@@ -495,6 +541,8 @@ def run_worker_phases(spec: dict, rec: dict, t0: float) -> None:
         full = 0 if step_problem(engine.step(), batch) else full + 1
     rec["warmup_steps_run"] = attempts
     step_s = []
+    threads_before = thread_cpu_snapshot() if os.path.isdir("/proc/self/task") else None
+    wall_before = time.perf_counter()
     prev = time.perf_counter()
     for _ in range(spec["repeats"] * spec["decode_steps"]):
         decode_step(engine, batch)
@@ -503,6 +551,12 @@ def run_worker_phases(spec: dict, rec: dict, t0: float) -> None:
         prev = now
     rec["timings_s"]["decode"] = round(time.monotonic() - t, 1)
     rec.update(step_stats(step_s, batch, spec["repeats"]))
+    # Per-thread CPU over the timed steps: a host-bound step mode shows as a busy thread or a short share.
+    rec["host"] = host_facts()
+    if threads_before is not None:
+        rec["host"]["threads"] = thread_cpu_report(
+            threads_before, thread_cpu_snapshot(), time.perf_counter() - wall_before, os.sysconf("SC_CLK_TCK")
+        )
     rec["step_ms"] = [round(s * 1e3, 4) for s in step_s]
     rec["phase"] = "timed"
     write_json(path, rec)

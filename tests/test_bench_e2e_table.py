@@ -58,6 +58,25 @@ def test_host_ops_are_self_time_per_step_largest_first():
                    {"name": "cudaGraphLaunch", "self_us_per_step": 30.0, "calls_per_step": 1.0}]
 
 
+def test_thread_cpu_report_from_proc_stat_lines():
+    fields = ["S"] + ["0"] * 49  # proc(5) fields 3 on; utime is field 14, stime 15, processor 39
+    fields[14 - 3], fields[15 - 3], fields[39 - 3] = "700", "50", "3"
+    line = "4242 (pt_main (x) y) " + " ".join(fields)
+    assert bench_e2e.parse_task_stat(line) == ("pt_main (x) y", 750, 3)
+    before = {1: ("main", 100, 0), 2: ("spin", 0, 5)}
+    after = {1: ("main", 150, 1), 2: ("spin", 200, 5), 3: ("new", 10, 2)}
+    rows = bench_e2e.thread_cpu_report(before, after, wall_s=2.0, ticks_per_s=100, top_n=2)
+    assert rows == [{"tid": 2, "name": "spin", "cpu_s": 2.0, "share": 1.0, "last_cpu": 5},
+                    {"tid": 1, "name": "main", "cpu_s": 0.5, "share": 0.25, "last_cpu": 1}]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux /proc")
+def test_thread_cpu_snapshot_sees_this_thread():
+    snap = bench_e2e.thread_cpu_snapshot()
+    assert snap and all(isinstance(name, str) and ticks >= 0 for name, ticks, _ in snap.values())
+    assert bench_e2e.host_facts()["cpu_count"] >= 1
+
+
 def test_rounds_alternate_which_backend_runs_first():
     assert bench_e2e.run_order(["ours", "fa3mla"], 3) == [
         (0, "ours"), (0, "fa3mla"), (1, "fa3mla"), (1, "ours"), (2, "ours"), (2, "fa3mla")]
