@@ -193,6 +193,20 @@ def kernel_family(name: str) -> str | None:
     return None
 
 
+def totals_by_name(pairs: list[tuple[str, float]]) -> dict[str, list]:
+    """{name: [total microseconds, count]} of profiled (name, microseconds) pairs."""
+    per_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for name, us in pairs:
+        per_name[name][0] += us
+        per_name[name][1] += 1
+    return per_name
+
+
+def largest(per_name: dict[str, list], top_n: int) -> list[tuple[str, list]]:
+    """The top_n entries of totals_by_name with the most time, largest first."""
+    return sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top_n]
+
+
 def summarize_kernels(kernels: list[tuple[str, float]], num_layers: int, expected: str, top_n: int = TOP_KERNELS) -> dict:
     """Per-step GPU time by kernel from profiled (name, microseconds) pairs.
 
@@ -201,10 +215,7 @@ def summarize_kernels(kernels: list[tuple[str, float]], num_layers: int, expecte
     in part, like its kernels. `foreign_families` lists other backends whose attention kernels ran;
     `error` says why there are no per-step figures (no main kernel of the expected backend seen).
     """
-    per_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    for name, us in kernels:
-        per_name[name][0] += us
-        per_name[name][1] += 1
+    per_name = totals_by_name(kernels)
     total_us = sum(v[0] for v in per_name.values())
     family_us = defaultdict(float)
     main_calls = 0
@@ -221,7 +232,7 @@ def summarize_kernels(kernels: list[tuple[str, float]], num_layers: int, expecte
         error = f"no {MAIN_KERNEL[expected]} kernel of {expected} among {len(kernels)} profiled GPU activities"
         return {"error": error, "foreign_families": foreign}
     attention_us = sum(family_us.values())
-    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top_n]
+    top = largest(per_name, top_n)
     return {
         "error": None,
         "foreign_families": foreign,
@@ -542,8 +553,7 @@ def run_worker_phases(spec: dict, rec: dict, t0: float) -> None:
     rec["warmup_steps_run"] = attempts
     step_s = []
     threads_before = thread_cpu_snapshot() if os.path.isdir("/proc/self/task") else None
-    wall_before = time.perf_counter()
-    prev = time.perf_counter()
+    wall_before = prev = time.perf_counter()
     for _ in range(spec["repeats"] * spec["decode_steps"]):
         decode_step(engine, batch)
         now = time.perf_counter()
@@ -598,14 +608,9 @@ def summarize_host_ops(ops: list[tuple[str, float]], steps: float, top_n: int = 
     """Host time per step by operator from profiled (name, self CPU microseconds) pairs, the top_n
     largest: where a step's CPU time goes (Python-side ops, CUDA runtime calls such as a synchronize),
     which sets the step when the GPU waits for the host."""
-    per_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    for name, us in ops:
-        per_name[name][0] += us
-        per_name[name][1] += 1
-    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top_n]
     return [
         {"name": name[:KERNEL_NAME_CHARS], "self_us_per_step": round(us / steps, 2), "calls_per_step": round(calls / steps, 2)}
-        for name, (us, calls) in top
+        for name, (us, calls) in largest(totals_by_name(ops), top_n)
     ]
 
 

@@ -6,12 +6,13 @@
 //
 // * Pieces (only with no more requests than parts): cut every request into pieces of at most P
 //   pages, P the smallest length for which all pieces fit in the parts, and give each piece a part of
-//   its own. Taken when P <= budget (but see budget_plan_balances_better). P then grows when longer pieces cost less (cheapest_piece): every
-//   piece of a split request writes an fp32 partial of all num_q_rows rows that the combine reads
-//   back, and with 128 rows one-page pieces cost more in partials than they save in pages. No part
-//   starts a second piece (each start costs a Q load and an epilogue), a request that fits in one
-//   piece is not split (no fp32 partial, nothing to combine), and the parts are filled as evenly as
-//   whole pages allow. When P is the longest request this is one part per request: on H100,
+//   its own. Taken when P <= budget, unless budget_plan_balances_better (sched_meta.h). P then grows
+//   when longer pieces cost less (cheapest_piece): every piece of a split request writes an fp32
+//   partial of all num_q_rows rows that the combine reads back, and with 128 rows one-page pieces
+//   cost more in partials than they save in pages. No part starts a second piece (each start costs
+//   a Q load and an epilogue), a request that fits in one piece is not split (no fp32 partial,
+//   nothing to combine), and the parts are filled as evenly as whole pages allow. When P is the
+//   longest request this is one part per request: on H100,
 //   b = 128 uniform requests of 256 pages on 132 parts (P = 256, budget 259) step 1-5% faster than
 //   split by budget (docs/perf-notes.md, round 4). On H200, b = 32 requests of 16 pages on 66
 //   parts (h_q = 128) take pieces of 8 pages on 64 parts instead of 16 on 32 (round 6).
