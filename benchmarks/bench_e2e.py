@@ -72,6 +72,8 @@ WARMUP_SLACK = 32
 # Kernels a run lists in top_kernels by default: down to about 1% of a step's GPU time in the H200 runs.
 TOP_KERNELS = 12
 KERNEL_NAME_CHARS = 300  # of a kernel's name kept in top_kernels (template arguments make them long)
+# Loop iterations of host_probe_ms: a few milliseconds of interpreter work, short next to a window.
+HOST_PROBE_ITERATIONS = 100_000
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,21 @@ def host_facts() -> dict:
         facts["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     facts["cpu_count"] = os.cpu_count()
     return facts
+
+
+def host_probe_ms(iterations: int = HOST_PROBE_ITERATIONS, tries: int = 3) -> float:
+    """Milliseconds this thread takes for a fixed pure-Python loop (the median of `tries`). A decode
+    step of these small models is bound by the Python host side, and round 21 saw that side slow down
+    by up to 1.5x for whole windows, in every backend's process alike; timed next to each window, this
+    tells a host that ran slower for everything from a step that costs more."""
+    times = []
+    for _ in range(tries):
+        start = time.perf_counter()
+        acc = 0
+        for i in range(iterations):
+            acc += i & 7
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1e3, 4)
 
 
 def step_stats(step_s: list[float], batch: int, repeats: int) -> dict:
@@ -551,16 +568,22 @@ def run_worker_phases(spec: dict, rec: dict, t0: float) -> None:
         attempts += 1
         full = 0 if step_problem(engine.step(), batch) else full + 1
     rec["warmup_steps_run"] = attempts
-    step_s = []
+    step_s, probes = [], []
     threads_before = thread_cpu_snapshot() if os.path.isdir("/proc/self/task") else None
-    wall_before = prev = time.perf_counter()
-    for _ in range(spec["repeats"] * spec["decode_steps"]):
-        decode_step(engine, batch)
-        now = time.perf_counter()
-        step_s.append(now - prev)
-        prev = now
+    wall_before = time.perf_counter()
+    for _ in range(spec["repeats"]):
+        probes.append(host_probe_ms())  # between windows, outside every timed step
+        prev = time.perf_counter()
+        for _ in range(spec["decode_steps"]):
+            decode_step(engine, batch)
+            now = time.perf_counter()
+            step_s.append(now - prev)
+            prev = now
+    probes.append(host_probe_ms())
     rec["timings_s"]["decode"] = round(time.monotonic() - t, 1)
     rec.update(step_stats(step_s, batch, spec["repeats"]))
+    for window, before, after in zip(rec["windows"], probes, probes[1:]):
+        window["host_probe_ms"] = [before, after]
     # Per-thread CPU over the timed steps: a host-bound step mode shows as a busy thread or a short share.
     rec["host"] = host_facts()
     if threads_before is not None:
@@ -573,7 +596,8 @@ def run_worker_phases(spec: dict, rec: dict, t0: float) -> None:
     tps, tpot = rec["tokens_per_s"], rec["tpot_ms"]
     say(
         f"{tps['median']:.0f} tokens/s [{tps['min']:.0f}, {tps['max']:.0f}], "
-        f"TPOT {tpot['median']:.3f} ms [{tpot['min']:.3f}, {tpot['max']:.3f}]",
+        f"TPOT {tpot['median']:.3f} ms [{tpot['min']:.3f}, {tpot['max']:.3f}], "
+        f"host probe {min(probes):.2f}-{max(probes):.2f} ms",
         t0,
     )
 
@@ -932,7 +956,8 @@ METHOD = {
     "same requests then decode warmup + repeats * decode_steps steps (context grows by that many tokens)",
     "timing": "interval between consecutive LLMEngine.step() returns; every step must return one token for "
     "every request; TPOT = median step of a window of decode_steps steps; tokens/s = batch / TPOT; "
-    "median/min/max over the repeats windows",
+    "median/min/max over the repeats windows; host_probe_ms of a window: a fixed pure-Python loop timed "
+    "(median of 3) in the worker's thread just before and just after it, untimed, the host's speed then",
     "profile": "torch.profiler (CPU+CUDA) over profile_steps further steps; GPU time per kernel, attention = "
     "kernels of the KERNEL_FAMILIES name patterns; steps counted as main decode kernels / attention layers; "
     "for the top_kernels, the profile's Chrome trace gives grid, block, streams and the share of launches "

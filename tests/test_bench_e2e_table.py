@@ -77,6 +77,12 @@ def test_thread_cpu_snapshot_sees_this_thread():
     assert bench_e2e.host_facts()["cpu_count"] >= 1
 
 
+def test_host_probe_times_its_loop():
+    # 16x the iterations: a probe that timed nothing, or the wrong thing, would not scale with them.
+    short, long = bench_e2e.host_probe_ms(25_000), bench_e2e.host_probe_ms(400_000)
+    assert 0 < short and long > 2 * short
+
+
 def test_rounds_alternate_which_backend_runs_first():
     assert bench_e2e.run_order(["ours", "fa3mla"], 3) == [
         (0, "ours"), (0, "fa3mla"), (1, "fa3mla"), (1, "ours"), (2, "ours"), (2, "fa3mla")]
