@@ -312,8 +312,8 @@ def host_facts() -> dict:
 
 def host_probe_ms(iterations: int = HOST_PROBE_ITERATIONS, tries: int = 3) -> float:
     """Milliseconds this thread takes for a fixed pure-Python loop (the median of `tries`). A decode
-    step of these small models is bound by the Python host side, and round 21 saw that side slow down
-    by up to 1.5x for whole windows, in every backend's process alike; timed next to each window, this
+    step of these small models is bound by the Python host side, and in round 21 whole windows' steps
+    took 1.3-1.8x longer in the slow host mode, in every backend's process alike; timed next to each window, this
     tells a host that ran slower for everything from a step that costs more."""
     times = []
     for _ in range(tries):

@@ -99,4 +99,10 @@ inline int64_t q_row_stride(int64_t s_q, int64_t h_q, int64_t stride_q_s, int64_
   return s_q == 1 || stride_q_s == h_q * stride_q_h ? stride_q_h : -1;
 }
 
+// The stride (elements) along the "heads" dim of Q's maps: the part's head stride when the heads tile
+// BLOCK_M, q_row_stride otherwise. -1: the part cannot be mapped as it is, and the binding copies it.
+inline int64_t q_map_head_stride(int64_t s_q, int64_t h_q, int64_t stride_q_s, int64_t stride_q_h) {
+  return q_heads_tile(h_q) ? stride_q_h : q_row_stride(s_q, h_q, stride_q_s, stride_q_h);
+}
+
 }  // namespace vllm_flashmla

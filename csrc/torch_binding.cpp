@@ -64,8 +64,7 @@ at::Tensor q_part_rows(const at::Tensor& part, const char* name) {
   FLASHMLA_CHECK(part.stride(3) == 1 && part.stride(0) % 8 == 0 && part.stride(1) % 8 == 0 &&
                      part.stride(2) % 8 == 0 && aligned16(part),
                  name, " must have a contiguous last dim and 16-byte aligned rows");
-  const int64_t s_q = part.size(1), h_q = part.size(2);
-  const bool in_place = q_heads_tile(h_q) || q_row_stride(s_q, h_q, part.stride(1), part.stride(2)) >= 0;
+  const bool in_place = q_map_head_stride(part.size(1), part.size(2), part.stride(1), part.stride(2)) >= 0;
   return in_place ? part : part.contiguous();
 }
 

@@ -59,8 +59,7 @@ template <typename Config>
 cudaError_t make_q_tensor_map(CUtensorMap* map, const QPart& part, int64_t cols, const DecodeParams& params) {
   const bool tiled = q_heads_tile(params.h_q);
   const int64_t heads = params.q_map_heads, tokens = tiled ? params.s_q : 1;
-  const int64_t head_stride =
-      tiled ? part.stride_h : q_row_stride(params.s_q, params.h_q, part.stride_s, part.stride_h);
+  const int64_t head_stride = q_map_head_stride(params.s_q, params.h_q, part.stride_s, part.stride_h);
   if (head_stride < 0) return cudaErrorInvalidValue;  // the binding copies such a part; not reached
   // One token: its stride is never applied, so any valid one (the request stride) stands in for it.
   const int64_t token_stride = tokens > 1 ? part.stride_s : part.stride_b;
