@@ -24,7 +24,7 @@ from vllm_flashmla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from vllm_flashmla._ops import ops  # noqa: E402
 from vllm_flashmla.reference import mla_decode_reference  # noqa: E402
 from vllm_flashmla.scheduler import plan_splits  # noqa: E402
-from vllm_flashmla._layout import SCHED_RECORD_INTS, SchedRecord  # noqa: E402
+from vllm_flashmla._layout import D_QK, D_V, SCHED_RECORD_INTS, SchedRecord  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -184,6 +184,52 @@ def test_op_rejects_query_rows_outside_int32(num_q_rows):
     splits = torch.empty(3, dtype=torch.int32, device="cuda")
     with pytest.raises(RuntimeError, match=rf"num_q_rows \(s_q \* h_q\) must be a positive int32, got {num_q_rows}"):
         ops().get_mla_metadata(seqlens, 132, num_q_rows, records, splits)
+
+
+def _direct_decode(q, q_rope):
+    """torch.ops.flashmla_kernels.decode as the Python API would call it for a 2-request, 16-head problem."""
+    b, s_q, h_q = 2, 1, 16
+    p = make_problem(b, s_q, h_q, [64] * b, torch.bfloat16, False, 0)
+    meta, splits = get_mla_metadata(p.cache_seqlens, s_q * h_q, 1)
+    slots = b + meta.shape[0]  # as the Python API sizes the partials
+    out = torch.empty(b, s_q, h_q, D_V, dtype=torch.bfloat16, device="cuda")
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device="cuda")
+    o_accum = torch.empty(slots, s_q * h_q, D_V, dtype=torch.float32, device="cuda")
+    lse_accum = torch.empty(slots, s_q * h_q, dtype=torch.float32, device="cuda")
+    ops().decode(q, q_rope, p.k_cache, p.block_table, p.cache_seqlens, meta, splits, D_QK**-0.5, False, out, lse,
+                 o_accum, lse_accum)
+    return out
+
+
+_LATENT = dict(size=(2, 1, 16, 512), dtype=torch.bfloat16, device="cuda")
+_ROPE = dict(size=(2, 1, 16, 64), dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.parametrize(
+    "q, q_rope, pattern",
+    [
+        (dict(_LATENT), dict(_ROPE, dtype=torch.float16), "q_rope must have q's dtype and device"),
+        (dict(_LATENT), dict(_ROPE, device="cpu"), "q_rope must have q's dtype and device"),
+        (dict(_LATENT), dict(_ROPE, size=(2, 1, 8, 64)), r"q_rope must be \[b, s_q, h_q, 64\] with q's b, s_q and h_q"),
+        (dict(_LATENT), dict(_ROPE, size=(2, 1, 16, 576)), r"q_rope must be \[b, s_q, h_q, 64\]"),
+        (dict(_LATENT, size=(2, 1, 16, 576)), dict(_ROPE), r"q must be \[b, s_q, h_q, 512\] .* when q_rope is given"),
+    ],
+    ids=["rope-dtype", "rope-device", "rope-heads", "rope-width", "q-width-with-rope"],
+)
+def test_op_rejects_bad_q_rope(q, q_rope, pattern):
+    # The op's own checks of a two-part q, for direct torch.ops callers (the Python API rejects these first).
+    make = lambda spec: torch.randn(*spec["size"], dtype=spec["dtype"], device=spec["device"])  # noqa: E731
+    with pytest.raises(RuntimeError, match=pattern):
+        _direct_decode(make(q), make(q_rope))
+
+
+def test_op_accepts_good_q_rope():
+    # The control for test_op_rejects_bad_q_rope: the same call with matching parts runs and writes out.
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 16, 576, dtype=torch.bfloat16, device="cuda")
+    out = _direct_decode(q[..., :512], q[..., 512:])
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
 
 
 def bench_case(b, s_q, h_q, seqlen_kind, dtype=torch.bfloat16, causal=None, reps=50):
