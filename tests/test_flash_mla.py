@@ -24,7 +24,7 @@ from vllm_flashmla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from vllm_flashmla._ops import ops  # noqa: E402
 from vllm_flashmla.reference import mla_decode_reference  # noqa: E402
 from vllm_flashmla.scheduler import plan_splits  # noqa: E402
-from vllm_flashmla._layout import D_QK, D_V, SCHED_RECORD_INTS, SchedRecord  # noqa: E402
+from vllm_flashmla._layout import D_QK, D_ROPE, D_V, SCHED_RECORD_INTS, SchedRecord  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -201,8 +201,8 @@ def _direct_decode(q, q_rope):
     return out
 
 
-_LATENT = dict(size=(2, 1, 16, 512), dtype=torch.bfloat16, device="cuda")
-_ROPE = dict(size=(2, 1, 16, 64), dtype=torch.bfloat16, device="cuda")
+_LATENT = dict(size=(2, 1, 16, D_V), dtype=torch.bfloat16, device="cuda")
+_ROPE = dict(size=(2, 1, 16, D_ROPE), dtype=torch.bfloat16, device="cuda")
 
 
 @pytest.mark.parametrize(
@@ -210,9 +210,9 @@ _ROPE = dict(size=(2, 1, 16, 64), dtype=torch.bfloat16, device="cuda")
     [
         (dict(_LATENT), dict(_ROPE, dtype=torch.float16), "q_rope must have q's dtype and device"),
         (dict(_LATENT), dict(_ROPE, device="cpu"), "q_rope must have q's dtype and device"),
-        (dict(_LATENT), dict(_ROPE, size=(2, 1, 8, 64)), r"q_rope must be \[b, s_q, h_q, 64\] with q's b, s_q and h_q"),
-        (dict(_LATENT), dict(_ROPE, size=(2, 1, 16, 576)), r"q_rope must be \[b, s_q, h_q, 64\]"),
-        (dict(_LATENT, size=(2, 1, 16, 576)), dict(_ROPE), r"q must be \[b, s_q, h_q, 512\] .* when q_rope is given"),
+        (dict(_LATENT), dict(_ROPE, size=(2, 1, 8, D_ROPE)), r"q_rope must be \[b, s_q, h_q, 64\] with q's b, s_q and h_q"),
+        (dict(_LATENT), dict(_ROPE, size=(2, 1, 16, D_QK)), r"q_rope must be \[b, s_q, h_q, 64\]"),
+        (dict(_LATENT, size=(2, 1, 16, D_QK)), dict(_ROPE), r"q must be \[b, s_q, h_q, 512\] .* when q_rope is given"),
     ],
     ids=["rope-dtype", "rope-device", "rope-heads", "rope-width", "q-width-with-rope"],
 )
@@ -226,8 +226,8 @@ def test_op_rejects_bad_q_rope(q, q_rope, pattern):
 def test_op_accepts_good_q_rope():
     # The control for test_op_rejects_bad_q_rope: the same call with matching parts runs and writes out.
     torch.manual_seed(0)
-    q = torch.randn(2, 1, 16, 576, dtype=torch.bfloat16, device="cuda")
-    out = _direct_decode(q[..., :512], q[..., 512:])
+    q = torch.randn(2, 1, 16, D_QK, dtype=torch.bfloat16, device="cuda")
+    out = _direct_decode(q[..., :D_V], q[..., D_V:])
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
 
