@@ -1,6 +1,7 @@
 // get_mla_metadata: split every request's pages over `num_sm_parts` parts so that each part carries
 // about the same cost, cost(request piece) = pages + overhead (sched_meta.h). vllm_flashmla/scheduler.py
 // is the same algorithm in Python, and the tests compare the two bit for bit: change both together.
+// The budget plan's one-thread loop is in sched_plan.h, which the CPU tests also compile for the host.
 //
 // Two plans, chosen by budget = ceil(total_cost / num_sm_parts) + FIXED_OVERHEAD_PAGES (budget_of):
 //
@@ -25,6 +26,7 @@
 
 #include "api.h"
 #include "sched_meta.h"
+#include "sched_plan.h"
 
 namespace vllm_flashmla {
 namespace {
@@ -108,97 +110,96 @@ __device__ int cheapest_piece(const int32_t* pages, int b, int fit, int longest,
   return best;
 }
 
-__device__ __forceinline__ SchedRecord idle_record(int b) { return SchedRecord{b, 0, b - 1, 0, 0, {0, 0, 0}}; }
-
-// One thread: every part holds one piece of at most `piece` pages of one request.
-__device__ void plan_pieces(const SchedParams& params, const int32_t* pages, int piece) {
-  int part = 0;  // parts used so far, = num_splits[req]: every piece takes one part and one slot
-  params.num_splits[0] = 0;
-  for (int req = 0; req < params.b; ++req) {
-    const int k = pieces_of(pages[req], piece);
-    for (int i = 0; i < k; ++i, ++part) {
-      params.records[part] = SchedRecord{req, i * piece, req, min(pages[req], (i + 1) * piece), part, {0, 0, 0}};
-    }
-    params.num_splits[req + 1] = part;
+// All lanes: inclusive prefix sum of v over the warp.
+__device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
+#pragma unroll
+  for (int off = 1; off < SCHED_THREADS; off *= 2) {
+    const int up = __shfl_up_sync(0xffffffffu, v, off);
+    if (lane >= off) v += up;
   }
-  for (; part < params.num_sm_parts; ++part) params.records[part] = idle_record(params.b);
+  return v;
 }
 
-// One thread: contiguous (request, page) runs of up to `budget` per part, in request order, each
-// request piece costing its pages plus `overhead`.
-__device__ void plan_budget(const SchedParams& params, const int32_t* pages, int budget, int overhead) {
-  int req = 0, page = 0;     // next unassigned (request, page)
-  int splits_before = 0;     // num_splits[req]: splits of all requests before req
-  int pieces_of_req = 0;     // parts that already covered a piece of req
-  params.num_splits[0] = 0;
-  for (int part = 0; part < params.num_sm_parts; ++part) {
-    SchedRecord rec = idle_record(params.b);
-    if (req < params.b) {
-      rec.begin_req = req;
-      rec.begin_page = page;
-      rec.begin_slot = splits_before + pieces_of_req;
-      int remaining = part + 1 == params.num_sm_parts ? INT_MAX : budget;
-      while (req < params.b) {
-        const int left = pages[req] - page;
-        if (left + overhead <= remaining) {  // the rest of req fits: finish it here
-          remaining -= left + overhead;
-          rec.end_req = req;
-          rec.end_page = pages[req];
-          splits_before += pieces_of_req + 1;
-          params.num_splits[req + 1] = splits_before;
-          ++req;
-          page = 0;
-          pieces_of_req = 0;
-        } else {  // cut req: take what the budget allows, if anything, and close the part
-          const int take = remaining - overhead;
-          if (take > 0) {
-            rec.end_req = req;
-            rec.end_page = page + take;
-            page += take;
-            ++pieces_of_req;
-          }
-          break;
-        }
-      }
+// The plans are built in shared memory and copied out by the whole warp (copy_out): one thread storing
+// every record field by field to global memory took 10.5-41 us per launch on the H100 for b = 1 to 512
+// (ncu, docs/perf-notes.md round 22), while FA3-MLA's scheduler adds 2-3 us to a step. per_req[req]
+// holds the pages of req until the plan has placed it, then num_splits[req + 1].
+
+// All lanes: every part holds one piece of at most `piece` pages of one request. Lane l places the
+// requests l, l + 32, ...; a warp prefix sum of their piece counts gives each its first part.
+__device__ void plan_pieces(int32_t* per_req, SchedRecord* records, int b, int num_sm_parts, int piece, int lane) {
+  int parts_before = 0;  // parts taken by the requests of earlier rounds of the warp
+  for (int base = 0; base < b; base += SCHED_THREADS) {
+    const int req = base + lane;
+    const int pages = req < b ? per_req[req] : 0;
+    const int k = req < b ? pieces_of(pages, piece) : 0;  // every piece takes one part and one slot
+    const int end = parts_before + warp_inclusive_sum(k, lane);
+    for (int i = 0, part = end - k; i < k; ++i, ++part) {
+      records[part] = SchedRecord{req, i * piece, req, min(pages, (i + 1) * piece), part, {0, 0, 0}};
     }
-    params.records[part] = rec;
+    if (req < b) per_req[req] = end;
+    parts_before = __shfl_sync(0xffffffffu, end, SCHED_THREADS - 1);
   }
+  for (int part = parts_before + lane; part < num_sm_parts; part += SCHED_THREADS) records[part] = idle_record(b);
+}
+
+// All lanes: the plan from shared to global memory, the records as 16-byte words.
+__device__ void copy_out(const SchedParams& params, const SchedRecord* records, const int32_t* per_req, int lane) {
+  static_assert(sizeof(SchedRecord) % sizeof(int4) == 0, "records are copied as whole 16-byte words");
+  constexpr int WORDS_PER_RECORD = sizeof(SchedRecord) / sizeof(int4);
+  const int4* src = reinterpret_cast<const int4*>(records);
+  int4* dst = reinterpret_cast<int4*>(params.records);
+  for (int i = lane; i < params.num_sm_parts * WORDS_PER_RECORD; i += SCHED_THREADS) dst[i] = src[i];
+  if (lane == 0) params.num_splits[0] = 0;
+  for (int req = lane; req < params.b; req += SCHED_THREADS) params.num_splits[req + 1] = per_req[req];
+}
+
+// Dynamic shared memory: records [num_sm_parts], then per_req [b].
+size_t scheduler_smem_bytes(int b, int num_sm_parts) {
+  return size_t(num_sm_parts) * sizeof(SchedRecord) + size_t(b) * sizeof(int32_t);
 }
 
 __global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_constant__ SchedParams params) {
-  extern __shared__ int32_t pages[];  // [b]: pages per request
+  extern __shared__ int4 smem[];
+  SchedRecord* records = reinterpret_cast<SchedRecord*>(smem);                 // [num_sm_parts]
+  int32_t* per_req = reinterpret_cast<int32_t*>(records + params.num_sm_parts);  // [b]: pages, then splits
   const int lane = threadIdx.x;
   int total_pages = 0, longest = 0;
   for (int req = lane; req < params.b; req += SCHED_THREADS) {
-    pages[req] = num_pages_of(params.cache_seqlens[req]);
-    total_pages += pages[req];
-    longest = max(longest, pages[req]);
+    per_req[req] = num_pages_of(params.cache_seqlens[req]);
+    total_pages += per_req[req];
+    longest = max(longest, per_req[req]);
   }
   total_pages = warp_sum(total_pages);
   longest = warp_max(longest);
-  __syncwarp();  // pages[] is complete for every lane
+  __syncwarp();  // per_req[] is complete for every lane
 
   const int budget = budget_of(total_pages, params.b, params.num_sm_parts, FIXED_OVERHEAD_PAGES);
   // Warp-uniform: every lane computes the same pieces.
-  const int fit = params.b <= params.num_sm_parts ? smallest_piece(pages, params.b, params.num_sm_parts, longest, lane)
-                                                  : INT_MAX;
+  const int fit = params.b <= params.num_sm_parts
+                      ? smallest_piece(per_req, params.b, params.num_sm_parts, longest, lane)
+                      : INT_MAX;
+  int piece = 0;  // > 0: the piece plan with pieces of this many pages
   if (fit <= budget) {
-    const int piece = cheapest_piece(pages, params.b, fit, longest, total_pages, params.num_q_rows, lane);
-    if (!budget_plan_balances_better(piece, longest, budget, params.num_q_rows, FIXED_OVERHEAD_PAGES)) {
-      if (lane == 0) plan_pieces(params, pages, piece);
-      return;
-    }
+    piece = cheapest_piece(per_req, params.b, fit, longest, total_pages, params.num_q_rows, lane);
+    if (budget_plan_balances_better(piece, longest, budget, params.num_q_rows, FIXED_OVERHEAD_PAGES)) piece = 0;
   }
-  if (lane == 0) {
+  __syncwarp();  // every lane is done reading per_req[] as pages before the plans overwrite it
+  if (piece > 0) {
+    plan_pieces(per_req, records, params.b, params.num_sm_parts, piece, lane);
+  } else if (lane == 0) {
     const int overhead = cut_overhead_pages(params.num_q_rows);
-    plan_budget(params, pages, budget_of(total_pages, params.b, params.num_sm_parts, overhead), overhead);
+    plan_budget(per_req, records, params.b, params.num_sm_parts,
+                budget_of(total_pages, params.b, params.num_sm_parts, overhead), overhead);
   }
+  __syncwarp();
+  copy_out(params, records, per_req, lane);
 }
 
 }  // namespace
 
 cudaError_t run_scheduler(const SchedParams& params, cudaStream_t stream) {
-  const size_t smem = size_t(params.b) * sizeof(int32_t);
+  const size_t smem = scheduler_smem_bytes(params.b, params.num_sm_parts);
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(scheduler_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;

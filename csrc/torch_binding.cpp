@@ -84,6 +84,8 @@ void get_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_sm_parts, int
   FLASHMLA_CHECK(records.is_contiguous() && records.dim() == 2 && records.size(0) == num_sm_parts &&
                      records.size(1) == SCHED_RECORD_INTS,
                  "records must be a contiguous [num_sm_parts, ", SCHED_RECORD_INTS, "] int32 tensor");
+  FLASHMLA_CHECK(aligned16(records), "records must be 16-byte aligned (the scheduler writes 16-byte words; a "
+                 "tensor of its own, as get_mla_metadata allocates, is)");
   TORCH_CHECK(num_splits.is_contiguous() && num_splits.numel() == b + 1, "num_splits must be a contiguous [b + 1]");
   if (b == 0) return;
   const c10::cuda::CUDAGuard guard(cache_seqlens.device());

@@ -71,7 +71,9 @@ def test_decode_matches_reference(b, s_q, h_q, seqlens, dtype, causal):
     "b,h_q,kind",
     [(1, 16, "100"), (128, 128, "normal:4096"), (64, 16, "mixed"), (500, 64, "normal:300"), (128, 16, "16384"),
      (100, 32, "normal:300"), (32, 128, "1024"), (4, 128, "1024"), (1, 128, "8192"), (128, 16, "normal:8192"),
-     (300, 16, "normal:2000"), (32, 128, "32768"), (8, 256, "32768"), (16, 128, "normal:30000")],
+     (300, 16, "normal:2000"), (32, 128, "32768"), (8, 256, "32768"), (16, 128, "normal:30000"),
+     # the most pieces (one request over every part), and batches whose pages need opted-in shared memory
+     (1, 16, "163840"), (4096, 16, "normal:300"), (20000, 16, "mixed")],
 )
 def test_scheduler_matches_python_model(b, h_q, kind):
     seqlens = seqlens_for(kind, b, torch.Generator().manual_seed(1))
@@ -184,6 +186,15 @@ def test_op_rejects_query_rows_outside_int32(num_q_rows):
     splits = torch.empty(3, dtype=torch.int32, device="cuda")
     with pytest.raises(RuntimeError, match=rf"num_q_rows \(s_q \* h_q\) must be a positive int32, got {num_q_rows}"):
         ops().get_mla_metadata(seqlens, 132, num_q_rows, records, splits)
+
+
+def test_op_rejects_misaligned_records():
+    # The scheduler stores records as 16-byte words; a contiguous view 4 bytes into a buffer is refused.
+    seqlens = torch.tensor([64, 64], dtype=torch.int32, device="cuda")
+    records = torch.empty(132 * SCHED_RECORD_INTS + 1, dtype=torch.int32, device="cuda")[1:].view(132, SCHED_RECORD_INTS)
+    splits = torch.empty(3, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="records must be 16-byte aligned"):
+        ops().get_mla_metadata(seqlens, 132, 16, records, splits)
 
 
 def _direct_decode(q, q_rope):
