@@ -122,8 +122,9 @@ __device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
 
 // The plans are built in shared memory and copied out by the whole warp (copy_out): one thread storing
 // every record field by field to global memory took 10.5-41 us per launch on the H100 for b = 1 to 512
-// (ncu, docs/perf-notes.md round 22), while FA3-MLA's scheduler adds 2-3 us to a step. per_req[req]
-// holds the pages of req until the plan has placed it, then num_splits[req + 1].
+// (ncu, docs/perf-notes.md round 22), while FA3-MLA's scheduler adds 1.7-3.9 us to a step at b <= 32
+// (bench_decode.py's meta_us). per_req[req] holds the pages of req until the plan has placed it, then
+// num_splits[req + 1].
 
 // All lanes: every part holds one piece of at most `piece` pages of one request. Lane l places the
 // requests l, l + 32, ...; a warp prefix sum of their piece counts gives each its first part.
