@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "params.h"
@@ -13,6 +14,9 @@ namespace vllm_flashmla {
 enum class DType { BFloat16, Float16 };
 
 // Writes params.records and params.num_splits. One warp; no host synchronization.
+// The plans are built in dynamic shared memory of scheduler_smem_bytes(b, num_sm_parts) bytes, which
+// must not exceed the device's opt-in limit per block (227 KiB on Hopper: about 57k requests).
+size_t scheduler_smem_bytes(int64_t b, int64_t num_sm_parts);
 cudaError_t run_scheduler(const SchedParams& params, cudaStream_t stream);
 
 // Decode over the schedule, then (if any request is split) the LSE combine, both on `stream`.

@@ -155,11 +155,6 @@ __device__ void copy_out(const SchedParams& params, const SchedRecord* records, 
   for (int req = lane; req < params.b; req += SCHED_THREADS) params.num_splits[req + 1] = per_req[req];
 }
 
-// Dynamic shared memory: records [num_sm_parts], then per_req [b].
-size_t scheduler_smem_bytes(int b, int num_sm_parts) {
-  return size_t(num_sm_parts) * sizeof(SchedRecord) + size_t(b) * sizeof(int32_t);
-}
-
 __global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_constant__ SchedParams params) {
   extern __shared__ int4 smem[];
   SchedRecord* records = reinterpret_cast<SchedRecord*>(smem);                 // [num_sm_parts]
@@ -199,9 +194,18 @@ __global__ void __launch_bounds__(SCHED_THREADS) scheduler_kernel(const __grid_c
 
 }  // namespace
 
+// Dynamic shared memory: records [num_sm_parts], then per_req [b].
+size_t scheduler_smem_bytes(int64_t b, int64_t num_sm_parts) {
+  return size_t(num_sm_parts) * sizeof(SchedRecord) + size_t(b) * sizeof(int32_t);
+}
+
 cudaError_t run_scheduler(const SchedParams& params, cudaStream_t stream) {
+  // A launch may ask for this much dynamic shared memory without opting in; above it (b beyond about
+  // 11k requests with 132 parts) the kernel must be allowed more, up to the device's cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  // which the binding checks before it gets here.
+  constexpr size_t DEFAULT_DYNAMIC_SMEM_BYTES = 48 * 1024;
   const size_t smem = scheduler_smem_bytes(params.b, params.num_sm_parts);
-  if (smem > 48 * 1024) {
+  if (smem > DEFAULT_DYNAMIC_SMEM_BYTES) {
     cudaError_t err = cudaFuncSetAttribute(scheduler_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }

@@ -89,6 +89,15 @@ void get_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_sm_parts, int
   TORCH_CHECK(num_splits.is_contiguous() && num_splits.numel() == b + 1, "num_splits must be a contiguous [b + 1]");
   if (b == 0) return;
   const c10::cuda::CUDAGuard guard(cache_seqlens.device());
+  // The scheduler builds its plans in shared memory: one block's opt-in limit bounds the batch.
+  int smem_limit = 0;
+  check_cuda(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, cache_seqlens.get_device()),
+             "querying the shared memory per block");
+  const size_t limit = size_t(smem_limit), fixed = scheduler_smem_bytes(0, num_sm_parts);
+  const size_t most_requests = limit > fixed ? (limit - fixed) / scheduler_smem_bytes(1, 0) : 0;
+  FLASHMLA_CHECK(size_t(b) <= most_requests, "get_mla_metadata plans a batch in shared memory and fits at most ",
+                 most_requests, " requests with num_sm_parts = ", num_sm_parts, " on this GPU (", smem_limit,
+                 " bytes per block), got b = ", b, ": split the batch (in vLLM, lower --max-num-seqs)");
   SchedParams params{};
   params.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   params.records = reinterpret_cast<SchedRecord*>(records.data_ptr<int32_t>());

@@ -197,6 +197,22 @@ def test_op_rejects_misaligned_records():
         ops().get_mla_metadata(seqlens, 132, 16, records, splits)
 
 
+def test_op_rejects_batch_beyond_shared_memory():
+    # The scheduler plans in shared memory, 32 bytes per part and 4 per request: the largest batch that
+    # fits one block's opt-in limit is planned, one request more is refused with that limit named.
+    parts = 132
+    most = (torch.cuda.get_device_properties(0).shared_memory_per_block_optin - parts * 32) // 4
+    records = torch.empty(parts, SCHED_RECORD_INTS, dtype=torch.int32, device="cuda")
+    seqlens = torch.full((most + 1,), 64, dtype=torch.int32, device="cuda")
+    splits = torch.empty(most + 2, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match=rf"fits at most {most} requests with num_sm_parts = {parts} .* got b = {most + 1}"):
+        ops().get_mla_metadata(seqlens, parts, 16, records, splits)
+    ops().get_mla_metadata(seqlens[:most], parts, 16, records, splits[: most + 1])
+    plan = plan_splits([64] * most, parts, 16)
+    assert [SchedRecord.from_ints(r) for r in records.cpu().tolist()] == plan.records
+    assert splits[: most + 1].cpu().tolist() == plan.num_splits
+
+
 def _direct_decode(q, q_rope):
     """torch.ops.flashmla_kernels.decode as the Python API would call it for a 2-request, 16-head problem."""
     b, s_q, h_q = 2, 1, 16
