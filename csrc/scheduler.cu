@@ -201,8 +201,8 @@ size_t scheduler_smem_bytes(int64_t b, int64_t num_sm_parts) {
 
 cudaError_t run_scheduler(const SchedParams& params, cudaStream_t stream) {
   // A launch may ask for this much dynamic shared memory without opting in; above it (b beyond about
-  // 11k requests with 132 parts) the kernel must be allowed more, up to the device's cudaDevAttrMaxSharedMemoryPerBlockOptin,
-  // which the binding checks before it gets here.
+  // 11k requests with 132 parts) the kernel must be allowed more, up to the device's
+  // cudaDevAttrMaxSharedMemoryPerBlockOptin, which the binding checks before it gets here.
   constexpr size_t DEFAULT_DYNAMIC_SMEM_BYTES = 48 * 1024;
   const size_t smem = scheduler_smem_bytes(params.b, params.num_sm_parts);
   if (smem > DEFAULT_DYNAMIC_SMEM_BYTES) {
