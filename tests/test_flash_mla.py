@@ -198,10 +198,11 @@ def test_op_rejects_misaligned_records():
 
 
 def test_op_rejects_batch_beyond_shared_memory():
-    # The scheduler plans in shared memory, 32 bytes per part and 4 per request: the largest batch that
-    # fits one block's opt-in limit is planned, one request more is refused with that limit named.
-    parts = 132
-    most = (torch.cuda.get_device_properties(0).shared_memory_per_block_optin - parts * 32) // 4
+    # The scheduler plans in shared memory, a record per part and an int32 per request: the largest batch
+    # that fits one block's opt-in limit is planned, one request more is refused with that limit named.
+    parts, int32_bytes = 132, 4
+    record_bytes = SCHED_RECORD_INTS * int32_bytes
+    most = (torch.cuda.get_device_properties(0).shared_memory_per_block_optin - parts * record_bytes) // int32_bytes
     records = torch.empty(parts, SCHED_RECORD_INTS, dtype=torch.int32, device="cuda")
     seqlens = torch.full((most + 1,), 64, dtype=torch.int32, device="cuda")
     splits = torch.empty(most + 2, dtype=torch.int32, device="cuda")
