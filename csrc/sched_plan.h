@@ -14,7 +14,8 @@ VLLM_FLASHMLA_HOST_DEVICE SchedRecord idle_record(int b) { return SchedRecord{b,
 
 // One thread: contiguous (request, page) runs of up to `budget` per part, in request order, each
 // request piece costing its pages plus `overhead`. A part always takes some of the request it opens
-// on (budget > overhead), and the last part takes whatever is left.
+// on (budget > overhead), and the last part takes whatever is left. Needs b >= 1 (it reads per_req[0]
+// first; the binding returns before launching for an empty batch).
 //   per_req  [b]             pages of each request on entry; num_splits[req + 1] on return
 //   records  [num_sm_parts]  the plan
 VLLM_FLASHMLA_HOST_DEVICE void plan_budget(int32_t* per_req, SchedRecord* records, int b, int num_sm_parts,
