@@ -28,6 +28,7 @@ struct SchedRecord {
   int32_t end_page;     // one past the last page of end_req handled here
   int32_t begin_slot;   // partial-output slot of (this part, begin_req) = num_splits[begin_req] + k
   int32_t reserved[3];  // zero; pads the record to 32 bytes so a CTA reads it with two 16-byte loads
+                        // (SchedRecord{begin_req, ..., begin_slot} value-initializes it)
 };
 
 constexpr int SCHED_RECORD_INTS = 8;

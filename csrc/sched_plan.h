@@ -10,7 +10,7 @@
 
 namespace vllm_flashmla {
 
-VLLM_FLASHMLA_HOST_DEVICE SchedRecord idle_record(int b) { return SchedRecord{b, 0, b - 1, 0, 0, {0, 0, 0}}; }
+VLLM_FLASHMLA_HOST_DEVICE SchedRecord idle_record(int b) { return SchedRecord{b, 0, b - 1, 0, 0}; }
 
 // One thread: contiguous (request, page) runs of up to `budget` per part, in request order, each
 // request piece costing its pages plus `overhead`. A part always takes some of the request it opens
@@ -23,7 +23,7 @@ VLLM_FLASHMLA_HOST_DEVICE void plan_budget(int32_t* per_req, SchedRecord* record
   int part = 0;  // the open part
   int slot = 0;  // next partial slot: num_splits[req] + the parts that already took pages of req
   int remaining = num_sm_parts == 1 ? INT_MAX : budget;
-  SchedRecord rec{0, 0, 0, 0, 0, {0, 0, 0}};
+  SchedRecord rec{0, 0, 0, 0, 0};
   int pages = per_req[0];
   for (int req = 0; req < b; ++req) {
     const int next_pages = req + 1 < b ? per_req[req + 1] : 0;  // read ahead of the loop-carried work
@@ -37,7 +37,7 @@ VLLM_FLASHMLA_HOST_DEVICE void plan_budget(int32_t* per_req, SchedRecord* record
         ++slot;
       }
       records[part++] = rec;
-      rec = SchedRecord{req, page, 0, 0, slot, {0, 0, 0}};
+      rec = SchedRecord{req, page, 0, 0, slot};
       remaining = part + 1 == num_sm_parts ? INT_MAX : budget;
     }
     remaining -= pages - page + overhead;  // the rest of req fits: finish it here

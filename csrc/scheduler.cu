@@ -136,7 +136,7 @@ __device__ void plan_pieces(int32_t* per_req, SchedRecord* records, int b, int n
     const int k = req < b ? pieces_of(pages, piece) : 0;  // every piece takes one part and one slot
     const int end = parts_before + warp_inclusive_sum(k, lane);
     for (int i = 0, part = end - k; i < k; ++i, ++part) {
-      records[part] = SchedRecord{req, i * piece, req, min(pages, (i + 1) * piece), part, {0, 0, 0}};
+      records[part] = SchedRecord{req, i * piece, req, min(pages, (i + 1) * piece), part};
     }
     if (req < b) per_req[req] = end;
     parts_before = __shfl_sync(0xffffffffu, end, SCHED_THREADS - 1);
