@@ -137,6 +137,10 @@ void decode(const at::Tensor& q, const std::optional<at::Tensor>& q_rope, const 
               "out must be contiguous and 16-byte aligned on q's device");
   TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
               "lse must be a contiguous float32 tensor on q's device");
+  for (const at::Tensor* t : {&o_accum, &lse_accum}) {
+    FLASHMLA_CHECK(t->is_cuda() && t->device() == q.device(), "o_accum/lse_accum must be on ", q.device(), ", got ",
+                   t->device());
+  }
   TORCH_CHECK(o_accum.is_contiguous() && o_accum.scalar_type() == at::kFloat && lse_accum.is_contiguous() &&
                   lse_accum.scalar_type() == at::kFloat,
               "o_accum/lse_accum must be contiguous float32");

@@ -214,16 +214,17 @@ def test_op_rejects_batch_beyond_shared_memory():
     assert splits[: most + 1].cpu().tolist() == plan.num_splits
 
 
-def _direct_decode(q, q_rope):
-    """torch.ops.flashmla_kernels.decode as the Python API would call it for a 2-request, 16-head problem."""
+def _direct_decode(q, q_rope, workspace_device="cuda"):
+    """torch.ops.flashmla_kernels.decode as the Python API would call it for a 2-request, 16-head problem,
+    with the partials' workspace (o_accum, lse_accum) on `workspace_device`."""
     b, s_q, h_q = 2, 1, 16
     p = make_problem(b, s_q, h_q, [64] * b, torch.bfloat16, False, 0)
     meta, splits = get_mla_metadata(p.cache_seqlens, s_q * h_q, 1)
     slots = b + meta.shape[0]  # as the Python API sizes the partials
     out = torch.empty(b, s_q, h_q, D_V, dtype=torch.bfloat16, device="cuda")
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device="cuda")
-    o_accum = torch.empty(slots, s_q * h_q, D_V, dtype=torch.float32, device="cuda")
-    lse_accum = torch.empty(slots, s_q * h_q, dtype=torch.float32, device="cuda")
+    o_accum = torch.empty(slots, s_q * h_q, D_V, dtype=torch.float32, device=workspace_device)
+    lse_accum = torch.empty(slots, s_q * h_q, dtype=torch.float32, device=workspace_device)
     ops().decode(q, q_rope, p.k_cache, p.block_table, p.cache_seqlens, meta, splits, D_QK**-0.5, False, out, lse,
                  o_accum, lse_accum)
     return out
@@ -249,6 +250,13 @@ def test_op_rejects_bad_q_rope(q, q_rope, pattern):
     make = lambda spec: torch.randn(*spec["size"], dtype=spec["dtype"], device=spec["device"])  # noqa: E731
     with pytest.raises(RuntimeError, match=pattern):
         _direct_decode(make(q), make(q_rope))
+
+
+def test_op_rejects_workspace_off_the_device():
+    # The kernels write the partials through raw pointers: a host tensor must be refused, not written to.
+    q = torch.randn(2, 1, 16, D_QK, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match=r"o_accum/lse_accum must be on cuda:0, got cpu"):
+        _direct_decode(q, None, workspace_device="cpu")
 
 
 def test_op_accepts_good_q_rope():
