@@ -5,6 +5,7 @@ itself) are replaced by stand-ins that record what reached them."""
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,6 +115,12 @@ def test_three_dim_cache_is_accepted(fake_gpu):
         (dict(num_splits=torch.zeros(B, dtype=torch.int32)), ValueError, r"num_splits must be \[b \+ 1 = 3\]"),
         (dict(tile_scheduler_metadata=torch.zeros(66, 8, dtype=torch.int32)), ValueError, "computed for a different num_q_tokens_per_head_k"),
         (dict(tile_scheduler_metadata=torch.zeros(132, 8, dtype=torch.int64)), TypeError, "tile_scheduler_metadata must be int32"),
+        # The kernels read these three through their data pointers as dense arrays.
+        (dict(cache_seqlens=torch.tensor([[10, 99999], [200, 99999]], dtype=torch.int32)[:, 0]), ValueError,
+         r"cache_seqlens must be contiguous, got strides \(2,\)"),
+        (dict(num_splits=torch.zeros(B + 1, 2, dtype=torch.int32)[:, 1]), ValueError, "num_splits must be contiguous"),
+        (dict(tile_scheduler_metadata=torch.zeros(8, 132, dtype=torch.int32).t()), ValueError,
+         "tile_scheduler_metadata must be contiguous"),
         (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a positive finite float"),
         (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a positive finite float"),
         (dict(out=torch.empty(B, S_Q, H_Q, 512)), ValueError, "out must be a contiguous"),
@@ -148,11 +155,26 @@ def test_non_hopper_gpu_is_rejected():
         ((torch.tensor([[1]], dtype=torch.int32), 16, 1), ValueError, r"cache_seqlens must be 1-D \[b\]"),
         ((torch.tensor([1], dtype=torch.int32), 16, 2), ValueError, "num_heads_k must be 1"),
         ((torch.tensor([1], dtype=torch.int32), 0, 1), ValueError, "num_q_tokens_per_head_k .* positive int, got 0"),
+        ((torch.tensor([1], dtype=torch.int32), True, 1), ValueError, "num_q_tokens_per_head_k .* positive int, got True"),
+        ((torch.tensor([1], dtype=torch.int32), 16.0, 1), ValueError, "num_q_tokens_per_head_k .* positive int, got 16.0"),
     ],
 )
 def test_metadata_bad_input(fake_gpu, call_args, exc, pattern):
     with pytest.raises(exc, match=pattern):
         interface.get_mla_metadata(*call_args)
+
+
+def test_metadata_takes_integer_scalars(fake_gpu):
+    # s_q * h_q often comes out of numpy or torch arithmetic: any integer scalar is a row count.
+    for rows in (np.int64(256), torch.tensor(256)):
+        interface.get_mla_metadata(torch.tensor([5, 0, 700], dtype=torch.int32), rows, 1)
+        assert fake_gpu[-1][1][1:3] == (33, 256) and type(fake_gpu[-1][1][2]) is int
+
+
+def test_metadata_of_an_empty_batch(fake_gpu):
+    # The op returns before its kernel for b = 0; num_splits is still a valid prefix sum.
+    _, splits = interface.get_mla_metadata(torch.zeros(0, dtype=torch.int32), 16, 1)
+    assert splits.tolist() == [0]
 
 
 def test_metadata_shapes(fake_gpu):

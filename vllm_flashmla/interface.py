@@ -13,6 +13,7 @@ raises TypeError/ValueError naming the argument, what was expected and what was 
 from __future__ import annotations
 
 import functools
+import operator
 import math
 
 import torch
@@ -39,6 +40,14 @@ def _require_dtype(name: str, t: torch.Tensor, expected: tuple[torch.dtype, ...]
 def _require_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
     if t.dim() != rank:
         raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _require_contiguous(name: str, t: torch.Tensor) -> None:
+    # The kernels index these as dense arrays through their data pointers.
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}; pass {name}.contiguous()"
+        )
 
 
 @functools.cache
@@ -75,6 +84,17 @@ def _require_same_device(reference_name: str, reference: torch.Tensor, **others:
             raise ValueError(f"{name} must be on {reference_name}'s device {reference.device}, got {t.device}")
 
 
+def _positive_int(value) -> int | None:
+    """value as a Python int if it is a positive integer (numpy and torch integer scalars too, not bool)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        value = operator.index(value)
+    except TypeError:
+        return None
+    return value if value >= 1 else None
+
+
 def get_mla_metadata(
     cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,14 +114,17 @@ def get_mla_metadata(
     _require_rank("cache_seqlens", cache_seqlens, 1, "[b]")
     if num_heads_k != H_KV:
         raise ValueError(f"num_heads_k must be {H_KV} (MLA shares one latent KV head), got {num_heads_k}")
-    if not isinstance(num_q_tokens_per_head_k, int) or num_q_tokens_per_head_k < 1:
+    num_q_rows = _positive_int(num_q_tokens_per_head_k)
+    if num_q_rows is None:
         raise ValueError(f"num_q_tokens_per_head_k (s_q * h_q) must be a positive int, got {num_q_tokens_per_head_k!r}")
     num_sms = _require_hopper("cache_seqlens", cache_seqlens)
-    num_sm_parts = num_sm_parts_for(num_sms, num_q_tokens_per_head_k)
+    num_sm_parts = num_sm_parts_for(num_sms, num_q_rows)
     b = cache_seqlens.shape[0]
     records = torch.empty(num_sm_parts, SCHED_RECORD_INTS, dtype=torch.int32, device=cache_seqlens.device)
     num_splits = torch.empty(b + 1, dtype=torch.int32, device=cache_seqlens.device)
-    ops().get_mla_metadata(cache_seqlens.contiguous(), num_sm_parts, num_q_tokens_per_head_k, records, num_splits)
+    if b == 0:  # nothing to plan: the op returns before its kernel, and num_splits[0] is still 0
+        num_splits.zero_()
+    ops().get_mla_metadata(cache_seqlens.contiguous(), num_sm_parts, num_q_rows, records, num_splits)
     return records, num_splits
 
 
@@ -242,6 +265,7 @@ def flash_mla_with_kvcache(
     _require_dtype("cache_seqlens", cache_seqlens, (torch.int32,))
     if tuple(cache_seqlens.shape) != (b,):
         raise ValueError(f"cache_seqlens must be [b={b}], got shape {tuple(cache_seqlens.shape)}")
+    _require_contiguous("cache_seqlens", cache_seqlens)
 
     _require_dtype("tile_scheduler_metadata", tile_scheduler_metadata, (torch.int32,))
     _require_dtype("num_splits", num_splits, (torch.int32,))
@@ -250,6 +274,7 @@ def flash_mla_with_kvcache(
             f"num_splits must be [b + 1 = {b + 1}] (metadata computed for this batch), got shape "
             f"{tuple(num_splits.shape)}; call get_mla_metadata with this step's cache_seqlens"
         )
+    _require_contiguous("num_splits", num_splits)
 
     num_sms = _require_hopper("q", q)
     _require_same_device("q", q, **{k: v for k, v in tensors.items() if k != "q"})
@@ -260,6 +285,7 @@ def flash_mla_with_kvcache(
             f"got shape {tuple(tile_scheduler_metadata.shape)}; it was computed for a different "
             f"num_q_tokens_per_head_k: call get_mla_metadata(cache_seqlens, {s_q * h_q}, 1)"
         )
+    _require_contiguous("tile_scheduler_metadata", tile_scheduler_metadata)
 
     if softmax_scale is None:
         softmax_scale = D_QK**-0.5
