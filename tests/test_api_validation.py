@@ -106,6 +106,7 @@ def test_three_dim_cache_is_accepted(fake_gpu):
         (dict(k_cache=torch.randn(NUM_PAGES, 64, 2, 576, dtype=torch.bfloat16)), ValueError, "h_kv = 1 .* got 2"),
         (dict(k_cache=torch.randn(NUM_PAGES, 64, 1, 512, dtype=torch.bfloat16)), ValueError, "head dim must be 576, got 512"),
         (dict(k_cache=torch.randn(NUM_PAGES, 64, 1, 1152, dtype=torch.bfloat16)[..., ::2]), ValueError, "contiguous last dim"),
+        (dict(k_cache=torch.randn(0, 64, 1, 576, dtype=torch.bfloat16)), ValueError, r"at least one page, got shape \(0, 64, 1, 576\)"),
         (dict(block_table=torch.zeros(B, MAX_PAGES, dtype=torch.int64)), TypeError, "block_table must be int32, got int64"),
         (dict(block_table=torch.zeros(B + 1, MAX_PAGES, dtype=torch.int32)), ValueError, r"block_table must be \[b=2, max_pages\]"),
         (dict(cache_seqlens=torch.tensor([1, 2], dtype=torch.int64)), TypeError, "cache_seqlens must be int32"),

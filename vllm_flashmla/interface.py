@@ -253,6 +253,8 @@ def flash_mla_with_kvcache(
         raise ValueError(f"k_cache must have h_kv = {H_KV} (dim 2), got {h_kv}")
     if d_k != D_QK:
         raise ValueError(f"k_cache head dim must be {D_QK}, got {d_k}")
+    if num_pages == 0:  # the kernels' TMA map of the cache needs at least one page
+        raise ValueError("k_cache must hold at least one page, got shape " + str(tuple(k_cache.shape)))
     if k_cache.stride(-1) != 1 or k_cache.stride(0) % 8 or k_cache.stride(1) % 8 or k_cache.data_ptr() % 16:
         raise ValueError(
             f"k_cache must have a contiguous last dim and 16-byte aligned rows and pages, got strides {k_cache.stride()}"
