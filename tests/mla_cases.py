@@ -11,6 +11,7 @@ import torch
 from vllm_flashmla._layout import D_QK, PAGE_SIZE
 
 INVALID_PAGE = 2**31 - 1  # in unused block-table slots: any read of it is a bug
+NUM_SPARE_PAGES = 3  # NaN pages that no request owns; unused slots point at them too
 
 
 @dataclass
@@ -41,10 +42,14 @@ def make_problem(b: int, s_q: int, h_q: int, seqlens: list[int], dtype: torch.dt
     pages_per_req = [math.ceil(s / PAGE_SIZE) for s in seqlens]
     max_pages = max(pages_per_req + [0]) + 2  # trailing slots stay unused
     used = sum(pages_per_req)
-    num_pages = used + 3  # a few pages nobody owns
+    num_pages = used + NUM_SPARE_PAGES
     perm = torch.randperm(num_pages, generator=gen)
 
-    block_table = torch.full((b, max_pages), INVALID_PAGE, dtype=torch.int32)
+    # Unused slots alternate between an id past the cache (the TMA map reads such a page as zeros, so only
+    # the numbers show a read of it) and a spare page of NaN keys, which turns any read of it into NaN.
+    spare = perm[used:]
+    slot = torch.arange(max_pages).unsqueeze(0) + torch.arange(b).unsqueeze(1)
+    block_table = torch.where(slot % 2 == 0, spare[slot % NUM_SPARE_PAGES], INVALID_PAGE).to(torch.int32)
     k_cache = torch.full((num_pages, PAGE_SIZE, 1, D_QK), float("nan"), dtype=dtype)
     start = 0
     for i, (seqlen, n) in enumerate(zip(seqlens, pages_per_req)):
@@ -69,12 +74,14 @@ def make_problem(b: int, s_q: int, h_q: int, seqlens: list[int], dtype: torch.dt
 # Error budget per dtype: the kernel rounds P to the input type before PV (as FlashMLA and FA3 do) and
 # rounds the output; everything else is fp32. Values are max-abs on outputs of magnitude <= ~1.
 OUT_TOL = {torch.bfloat16: dict(atol=1.5e-2, rtol=2e-2), torch.float16: dict(atol=2e-3, rtol=5e-3)}
-REL_ERR = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # ||out - ref|| / ||ref||
+REL_ERR = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # ||out - ref|| / ||ref|| of each request
 LSE_TOL = dict(atol=2e-3, rtol=1e-4)
 
 
 def compare(out, lse, ref_out, ref_lse, dtype) -> dict:
-    """Raise AssertionError unless (out, lse) matches the reference; return error stats."""
+    """Raise AssertionError unless (out, lse) matches the reference; return error stats. The relative
+    error is bounded per request: in a batch of mixed lengths the short requests' outputs are the
+    largest, and one norm over the batch would let a long request be a few percent off."""
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert not torch.isnan(out).any(), "NaN in out"
     assert not torch.isnan(lse).any(), "NaN in lse"
@@ -82,9 +89,17 @@ def compare(out, lse, ref_out, ref_lse, dtype) -> dict:
     assert inf_ok, "lse inf positions differ from the reference"
     o, r = out.float(), ref_out.float()
     max_err = (o - r).abs().max().item() if o.numel() else 0.0
-    rel = ((o - r).norm() / r.norm().clamp_min(1e-12)).item() if o.numel() else 0.0
     torch.testing.assert_close(o, r, **OUT_TOL[dtype])
-    assert rel <= REL_ERR[dtype], f"relative error {rel:.2e} > {REL_ERR[dtype]:.0e}"
+    rel = 0.0
+    if o.numel():
+        ref_norm = r.flatten(1).norm(dim=1)
+        seen = ref_norm > 0  # requests with no key have out = 0, which assert_close checked
+        per_req = (o - r).flatten(1).norm(dim=1)[seen] / ref_norm[seen]
+        if per_req.numel():
+            worst = int(per_req.argmax())
+            rel = per_req[worst].item()
+            req = int(seen.nonzero()[worst])
+            assert rel <= REL_ERR[dtype], f"relative error {rel:.2e} > {REL_ERR[dtype]:.0e} in request {req}"
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[finite], ref_lse[finite], **LSE_TOL)
     return {"max_abs_err": max_err, "rel_err": rel}

@@ -154,10 +154,17 @@ def test_cuda_graph_replay_with_changing_seqlens():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
+    keys = p.k_cache.clone()
     for trial in range(3):
         lens = torch.randint(0, 3001, (b,), generator=gen, dtype=torch.int32)
         lens[trial] = 0  # a padded request
         seqlens.copy_(lens)
+        # The keys past each new length are poisoned as make_problem poisons those past the built ones.
+        p.k_cache.copy_(keys)
+        for i, n in enumerate(lens.tolist()):
+            tokens = p.k_cache[p.block_table[i, : -(-3000 // 64)].long()].view(-1, D_QK)
+            tokens[n:] = float("nan")
+            p.k_cache[p.block_table[i, : -(-3000 // 64)].long()] = tokens.view(-1, 64, 1, D_QK)
         graph.replay()
         ref_out, ref_lse = mla_decode_reference(p.q, p.k_cache, p.block_table, seqlens, causal=True)
         compare(out_buf, static["lse"], ref_out, ref_lse, dtype)
