@@ -217,6 +217,26 @@ def test_fp8_kv_cache_rejected_with_reason(kv_cache_dtype):
     assert kv_cache_dtype in ours[0]
 
 
+def test_fp8_warns_that_vllm_picks_another_backend(monkeypatch):
+    # vLLM tries FLASHMLA when it picks a backend itself; with an fp8 cache it would have found its own
+    # (fp8-capable) FlashMLA there, and now goes on to another, slower one: the log says so, and how to keep it.
+    said = []
+    monkeypatch.setattr(backend.logger, "warning_once", lambda msg, *args: said.append(msg % args))
+    _reasons(kv_cache_dtype="fp8_e4m3")
+    assert len(said) == 1 and "fp8_e4m3" in said[0] and "VLLM_FLASHMLA_DISABLE=1" in said[0]
+    _reasons(kv_cache_dtype="bfloat16")
+    assert len(said) == 1
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 96])
+def test_block_size_reason_names_the_page_size(block_size):
+    # vLLM's own reason ("block_size not supported") does not say what would be.
+    reasons = _reasons(block_size=block_size)
+    ours = [r for r in reasons if r.startswith("vllm-flashmla")]
+    assert "block_size not supported" in reasons and len(ours) == 1
+    assert "multiple of 64" in ours[0] and f"(got {block_size})" in ours[0]
+
+
 def test_kv_cache_dtype_must_match_model_dtype():
     [reason] = _reasons(kv_cache_dtype="bfloat16", dtype=torch.float16)
     assert "does not match the model dtype" in reason

@@ -23,6 +23,7 @@ import torch
 
 from vllm.config import VllmConfig
 from vllm.config.cache import CacheDType
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.mla_attention import (
     MLACommonBackend,
     MLACommonDecodeMetadata,
@@ -51,8 +52,17 @@ from vllm_flashmla._layout import D_QK, D_ROPE, D_V, MAX_H_Q, MAX_S_Q, PAGE_SIZE
 
 _KV_CACHE_DTYPE_REASON = (
     "vllm-flashmla decodes a bfloat16/float16 KV cache only; use kv_cache_dtype "
-    "auto, bfloat16 or float16 (got {kv_cache_dtype!r})"
+    "auto, bfloat16 or float16 (got {kv_cache_dtype!r}), or set VLLM_FLASHMLA_DISABLE=1 "
+    "to leave FLASHMLA on vLLM's own FlashMLA, which reads fp8 KV caches"
 )
+# When vLLM picks the backend itself, it tries FLASHMLA after FLASH_ATTN_MLA on Hopper; neither takes
+# an fp8 KV cache once FLASHMLA is ours, so vLLM moves on to a slower MLA backend without saying why.
+_FP8_AUTO_SELECTION_WARNING = (
+    "vllm-flashmla replaces vLLM's FLASHMLA attention backend and does not read %s KV caches, so "
+    "vLLM chooses another MLA backend for this model instead of its own FlashMLA; set "
+    "VLLM_FLASHMLA_DISABLE=1 to keep vLLM's FlashMLA for fp8 KV caches"
+)
+logger = init_logger(f"vllm.{__name__}")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -147,9 +157,16 @@ class FlashMLABackend(MLACommonBackend):
         use_mm_prefix: bool,
         device_capability: DeviceCapability,
     ) -> str | None:
+        if block_size is not None and block_size % PAGE_SIZE != 0:
+            return (
+                f"vllm-flashmla reads {PAGE_SIZE}-token KV pages; use a --block-size that is "
+                f"a multiple of {PAGE_SIZE} (got {block_size})"
+            )
         if kv_cache_dtype is None or kv_cache_dtype == "auto":
             return None
         if kv_cache_dtype not in cls.supported_kv_cache_dtypes:
+            if kv_cache_dtype.startswith("fp8"):
+                logger.warning_once(_FP8_AUTO_SELECTION_WARNING, kv_cache_dtype)
             return _KV_CACHE_DTYPE_REASON.format(kv_cache_dtype=kv_cache_dtype)
         if STR_DTYPE_TO_TORCH_DTYPE[kv_cache_dtype] != dtype:
             return (
@@ -190,8 +207,9 @@ class FlashMLAMetadataBuilder(MLACommonMetadataBuilder[FlashMLAMetadata]):
         if self.reorder_batch_threshold > MAX_S_Q:
             raise ValueError(
                 f"vllm-flashmla decodes at most {MAX_S_Q} query tokens per request, but "
-                f"this configuration sends up to {self.reorder_batch_threshold} "
-                f"(1 + speculative tokens) to decode; lower num_speculative_tokens"
+                f"this configuration sends up to {self.reorder_batch_threshold} to decode "
+                f"(1 + num_speculative_tokens, or 1 + 2 * num_speculative_tokens with "
+                f"parallel drafting); lower num_speculative_tokens"
             )
         # Decode context parallelism all-gathers q over the DCP ranks along the head dim.
         self.h_q = self.num_heads * self.dcp_world_size
