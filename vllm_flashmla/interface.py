@@ -5,9 +5,11 @@
                                       tile_scheduler_metadata, num_splits, softmax_scale, causal)
 
 Compute the metadata once per decode step (it depends only on cache_seqlens and s_q * h_q) and reuse it
-for every layer. Neither call synchronizes with the host or allocates outside PyTorch's caching
-allocator, so both can be captured in CUDA graphs. Every argument is validated here, and a bad one
-raises TypeError/ValueError naming the argument, what was expected and what was given.
+for every layer. get_mla_metadata never synchronizes with the host; flash_mla_with_kvcache does once,
+to check that cache_seqlens fit the block table, unless a CUDA graph is being captured or
+check_seqlens=False. Neither allocates outside PyTorch's caching allocator, so both can be captured in
+CUDA graphs. Every argument is validated here, and a bad one raises TypeError/ValueError (RuntimeError
+for a GPU that is not sm90) naming the argument, what was expected and what was given.
 """
 
 from __future__ import annotations
