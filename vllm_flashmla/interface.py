@@ -15,8 +15,8 @@ for a GPU that is not sm90) naming the argument, what was expected and what was 
 from __future__ import annotations
 
 import functools
-import operator
 import math
+import operator
 
 import torch
 
