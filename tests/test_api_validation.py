@@ -78,6 +78,13 @@ def test_q_as_two_parts_reaches_the_op_in_place(fake_gpu):
     assert name == "decode" and op_args[0] is latent and op_args[1] is rope
 
 
+def test_cache_with_pages_further_apart_reaches_the_op_in_place(fake_gpu):
+    # A layer's view of vLLM's cross-layer KV blocks: its pages are two pages apart.
+    layers = torch.randn(NUM_PAGES, 2, 64, 1, 576, dtype=torch.bfloat16)
+    call(k_cache=layers[:, 1])
+    assert fake_gpu[-1][1][2].data_ptr() == layers[:, 1].data_ptr() and fake_gpu[-1][1][2].stride(0) == 2 * 64 * 576
+
+
 def test_three_dim_cache_is_accepted(fake_gpu):
     call(k_cache=torch.randn(NUM_PAGES, 64, 576, dtype=torch.bfloat16))
     assert fake_gpu[-1][1][2].shape == (NUM_PAGES, 64, 1, 576)

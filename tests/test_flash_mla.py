@@ -115,6 +115,20 @@ def test_q_views_into_larger_buffers(view, h_q):
     compare(out, lse, ref_out, ref_lse, dtype)
 
 
+def test_cache_pages_strided_as_in_a_cross_layer_layout():
+    # vLLM's cross-layer (and padded-page) KV layouts give each layer's cache a page stride larger than
+    # a page: here every page of this layer sits between NaN pages of another.
+    b, s_q, h_q, dtype = 6, 2, 16, torch.bfloat16
+    p = make_problem(b, s_q, h_q, [0, 1, 700, 64, 4097, 300], dtype, True, 12)
+    layers = torch.full((p.k_cache.shape[0], 2, *p.k_cache.shape[1:]), float("nan"), dtype=dtype, device="cuda")
+    k_cache = layers[:, 1]
+    k_cache.copy_(p.k_cache)
+    assert k_cache.stride(0) == 2 * p.k_cache.stride(0)
+    out, lse = run_ours(dataclasses.replace(p, k_cache=k_cache))
+    ref_out, ref_lse = mla_decode_reference(p.q, p.k_cache, p.block_table, p.cache_seqlens, causal=True)
+    compare(out, lse, ref_out, ref_lse, dtype)
+
+
 # The two parts are read in place when h_q tiles the 64-row block (any token and head strides, vLLM's
 # token-major latent rows with s_q > 1 too) or their (s_q, h_q) rows are uniformly strided, and copied
 # first otherwise (h_q = 20 with s_q > 1); either way the result is bit for bit the one of the same q

@@ -167,6 +167,14 @@ def test_compute_capability(major, minor, ok):
     assert FlashMLABackend.supports_compute_capability(DeviceCapability(major, minor)) is ok
 
 
+def test_kv_pages_are_read_by_the_block_stride():
+    # vLLM's cross-layer KV blocks and padded pages need the backend to read pages by the block stride,
+    # as the kernel does (tests/test_flash_mla.py::test_cache_pages_strided_as_in_a_cross_layer_layout).
+    assert FlashMLABackend.get_kv_cache_stride_order() == (0, 1, 2)
+    assert FlashMLABackend.get_kv_cache_stride_order(include_num_layers_dimension=True) == (1, 0, 2, 3)
+    assert FlashMLABackend.indexes_kv_by_block_stride()
+
+
 @pytest.mark.parametrize("block_size,ok", [(64, True), (128, True), (256, True), (16, False), (32, False), (96, False)])
 def test_block_sizes(block_size, ok):
     assert FlashMLABackend.supports_block_size(block_size) is ok

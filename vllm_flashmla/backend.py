@@ -135,6 +135,16 @@ class FlashMLABackend(MLACommonBackend):
     def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
         return [PAGE_SIZE]
 
+    @staticmethod
+    def get_kv_cache_stride_order(
+        include_num_layers_dimension: bool = False,
+    ) -> tuple[int, ...]:
+        # The kernel reads pages through k_cache.stride(0) (its TMA map of the cache), so the block
+        # dim may be outermost with other layers' pages, or padding, between a layer's pages: vLLM
+        # then allows cross-layer KV blocks (KV connectors) and padded pages, as for its other MLA
+        # backends.
+        return (1, 0, 2, 3) if include_num_layers_dimension else (0, 1, 2)
+
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return [D_QK]
