@@ -172,6 +172,22 @@ def test_metadata_bad_input(fake_gpu, call_args, exc, pattern):
         interface.get_mla_metadata(*call_args)
 
 
+@pytest.mark.parametrize(
+    "seqlens,pattern",
+    [([100, -447, 5000], "cache_seqlens must be >= 0, got a minimum of -447"),
+     ([2**31 - 1], "more 64-token pages than the scheduler counts in int32"),
+     ([2**31 - 65] * 65, "more 64-token pages than the scheduler counts in int32")],
+    ids=["negative", "longest", "total"],
+)
+def test_metadata_refuses_seqlens_it_cannot_plan(fake_gpu, seqlens, pattern):
+    # The scheduler plans in shared memory from int32 page counts: such seqlens would write past it.
+    with pytest.raises(ValueError, match=pattern):
+        interface.get_mla_metadata(torch.tensor(seqlens, dtype=torch.int32), 16, 1)
+    assert not fake_gpu, "the op must not run on seqlens it cannot plan"
+    interface.get_mla_metadata(torch.tensor(seqlens, dtype=torch.int32), 16, 1, check_seqlens=False)
+    assert fake_gpu[-1][0] == "get_mla_metadata", "check_seqlens=False leaves the values to the caller"
+
+
 def test_metadata_takes_integer_scalars(fake_gpu):
     # s_q * h_q often comes out of numpy or torch arithmetic: any integer scalar is a row count.
     for rows in (np.int64(256), torch.tensor(256)):

@@ -5,9 +5,8 @@
                                       tile_scheduler_metadata, num_splits, softmax_scale, causal)
 
 Compute the metadata once per decode step (it depends only on cache_seqlens and s_q * h_q) and reuse it
-for every layer. get_mla_metadata never synchronizes with the host; flash_mla_with_kvcache does once,
-to check that cache_seqlens fit the block table, unless a CUDA graph is being captured or
-check_seqlens=False. Neither allocates outside PyTorch's caching allocator, so both can be captured in
+for every layer. Each call synchronizes with the host once, to check cache_seqlens, unless a CUDA graph
+is being captured or check_seqlens=False (as the vLLM backend passes). Neither allocates outside PyTorch's caching allocator, so both can be captured in
 CUDA graphs. Every argument is validated here, and a bad one raises TypeError/ValueError (RuntimeError
 for a GPU that is not sm90) naming the argument, what was expected and what was given.
 """
@@ -98,7 +97,7 @@ def _positive_int(value) -> int | None:
 
 
 def get_mla_metadata(
-    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int
+    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, *, check_seqlens: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV schedule for one decode step.
 
@@ -106,6 +105,9 @@ def get_mla_metadata(
         cache_seqlens: int32 [b] on the GPU, keys per request (0 allowed).
         num_q_tokens_per_head_k: s_q * h_q // h_kv, query rows per request.
         num_heads_k: h_kv; MLA has exactly 1.
+        check_seqlens: verify on the host that cache_seqlens are >= 0 and that their pages can be counted
+            in int32 (one sync; skipped during CUDA-graph capture). The scheduler plans in shared memory
+            from these counts.
 
     Returns:
         tile_scheduler_metadata: int32 [num_sm_parts, 8], one record per part (csrc/sched_meta.h).
@@ -120,6 +122,8 @@ def get_mla_metadata(
     if num_q_rows is None:
         raise ValueError(f"num_q_tokens_per_head_k (s_q * h_q) must be a positive int, got {num_q_tokens_per_head_k!r}")
     num_sms = _require_hopper("cache_seqlens", cache_seqlens)
+    if check_seqlens:
+        _check_seqlens_plannable(cache_seqlens)
     num_sm_parts = num_sm_parts_for(num_sms, num_q_rows)
     b = cache_seqlens.shape[0]
     records = torch.empty(num_sm_parts, SCHED_RECORD_INTS, dtype=torch.int32, device=cache_seqlens.device)
@@ -128,6 +132,28 @@ def get_mla_metadata(
         num_splits.zero_()
     ops().get_mla_metadata(cache_seqlens.contiguous(), num_sm_parts, num_q_rows, records, num_splits)
     return records, num_splits
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _check_seqlens_plannable(cache_seqlens: torch.Tensor) -> None:
+    """Seqlens the scheduler can plan: none negative, and pages (also summed) within int32. Checked on
+    the host unless a CUDA graph is being captured."""
+    if cache_seqlens.numel() == 0 or (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    shortest, longest, total = (
+        int(x) for x in torch.stack([cache_seqlens.min().long(), cache_seqlens.max().long(),
+                                     cache_seqlens.sum(dtype=torch.int64)]).tolist()
+    )
+    if shortest < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {shortest}")
+    # Pages per request round up: at most total / PAGE_SIZE + b of them in all.
+    if longest > INT32_MAX - PAGE_SIZE or total // PAGE_SIZE + cache_seqlens.numel() > INT32_MAX:
+        raise ValueError(
+            f"cache_seqlens hold {total} keys in all (longest {longest}): more {PAGE_SIZE}-token pages than "
+            "the scheduler counts in int32; split the batch"
+        )
 
 
 def _check_seqlens_fit(cache_seqlens: torch.Tensor, max_pages: int) -> None:
