@@ -176,9 +176,10 @@ def test_cuda_graph_replay_with_changing_seqlens():
         # The keys past each new length are poisoned as make_problem poisons those past the built ones.
         p.k_cache.copy_(keys)
         for i, n in enumerate(lens.tolist()):
-            tokens = p.k_cache[p.block_table[i, : -(-3000 // 64)].long()].view(-1, D_QK)
+            pages = p.block_table[i, : -(-3000 // 64)].long()  # the request's pages as built
+            tokens = p.k_cache[pages].view(-1, D_QK)
             tokens[n:] = float("nan")
-            p.k_cache[p.block_table[i, : -(-3000 // 64)].long()] = tokens.view(-1, 64, 1, D_QK)
+            p.k_cache[pages] = tokens.view(len(pages), *p.k_cache.shape[1:])
         graph.replay()
         ref_out, ref_lse = mla_decode_reference(p.q, p.k_cache, p.block_table, seqlens, causal=True)
         compare(out_buf, static["lse"], ref_out, ref_lse, dtype)

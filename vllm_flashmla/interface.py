@@ -6,8 +6,8 @@
 
 Compute the metadata once per decode step (it depends only on cache_seqlens and s_q * h_q) and reuse it
 for every layer. Each call synchronizes with the host once, to check cache_seqlens, unless a CUDA graph
-is being captured or check_seqlens=False (as the vLLM backend passes). Neither allocates outside PyTorch's caching allocator, so both can be captured in
-CUDA graphs. Every argument is validated here, and a bad one raises TypeError/ValueError (RuntimeError
+is being captured or check_seqlens=False (as the vLLM backend passes). Neither allocates outside
+PyTorch's caching allocator, so both can be captured in CUDA graphs. Every argument is validated here, and a bad one raises TypeError/ValueError (RuntimeError
 for a GPU that is not sm90) naming the argument, what was expected and what was given.
 """
 
@@ -22,6 +22,8 @@ import torch
 from ._layout import D_QK, D_ROPE, D_V, H_KV, PAGE_SIZE, SCHED_RECORD_INTS
 from ._ops import ops
 from .scheduler import num_sm_parts_for
+
+INT32_MAX = 2**31 - 1  # the scheduler counts pages in int32
 
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -134,20 +136,25 @@ def get_mla_metadata(
     return records, num_splits
 
 
-INT32_MAX = 2**31 - 1
+def _seqlen_extent(cache_seqlens: torch.Tensor) -> tuple[int, int] | None:
+    """(longest, total) of cache_seqlens, refusing a negative one, read with one host sync; None when
+    there is nothing to read or a CUDA graph is being captured (the values are not known then)."""
+    if cache_seqlens.numel() == 0 or (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    shortest, longest, total = torch.stack(
+        [cache_seqlens.min().long(), cache_seqlens.max().long(), cache_seqlens.sum(dtype=torch.int64)]
+    ).tolist()
+    if shortest < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {shortest}")
+    return longest, total
 
 
 def _check_seqlens_plannable(cache_seqlens: torch.Tensor) -> None:
-    """Seqlens the scheduler can plan: none negative, and pages (also summed) within int32. Checked on
-    the host unless a CUDA graph is being captured."""
-    if cache_seqlens.numel() == 0 or (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+    """Seqlens the scheduler can plan: none negative, and pages (also summed) within int32."""
+    extent = _seqlen_extent(cache_seqlens)
+    if extent is None:
         return
-    shortest, longest, total = (
-        int(x) for x in torch.stack([cache_seqlens.min().long(), cache_seqlens.max().long(),
-                                     cache_seqlens.sum(dtype=torch.int64)]).tolist()
-    )
-    if shortest < 0:
-        raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {shortest}")
+    longest, total = extent
     # Pages per request round up: at most total / PAGE_SIZE + b of them in all.
     if longest > INT32_MAX - PAGE_SIZE or total // PAGE_SIZE + cache_seqlens.numel() > INT32_MAX:
         raise ValueError(
@@ -157,12 +164,11 @@ def _check_seqlens_plannable(cache_seqlens: torch.Tensor) -> None:
 
 
 def _check_seqlens_fit(cache_seqlens: torch.Tensor, max_pages: int) -> None:
-    """cache_seqlens <= max_pages * 64, checked on the host unless a CUDA graph is being captured."""
-    if cache_seqlens.numel() == 0 or (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+    """cache_seqlens >= 0 and <= max_pages * 64."""
+    extent = _seqlen_extent(cache_seqlens)
+    if extent is None:
         return
-    shortest, longest = (int(x) for x in torch.aminmax(cache_seqlens))
-    if shortest < 0:
-        raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {shortest}")
+    longest, _ = extent
     if longest > max_pages * PAGE_SIZE:
         raise ValueError(
             f"cache_seqlens holds a sequence of {longest} tokens but block_table has {max_pages} pages per "
