@@ -6,16 +6,34 @@ torch.compile needs to trace through them, and CUDA-graph capture needs nothing 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import _layout
 
+# torch.ops.flashmla_kernels once loaded. A module global rather than functools.cache: torch.compile
+# traces ops() like any other function, reading a loaded namespace as a constant of the graph.
+_OPS = None
 
-@functools.cache
+
 def ops():
     """torch.ops.flashmla_kernels, with the extension loaded and its layout checked."""
+    if _OPS is None:
+        _load()
+    return _OPS
+
+
+def try_load() -> None:
+    """Load the extension if it is importable; otherwise leave the error to the first ops() call. The
+    public API calls this on import, so that a compiled graph's first trace finds the ops loaded (the
+    loading itself, an import and fake registrations, cannot be traced)."""
+    try:
+        ops()
+    except ImportError:
+        pass
+
+
+def _load() -> None:
+    global _OPS
     try:
         import flashmla_kernels  # noqa: F401  (importing registers the ops)
     except ImportError as exc:
@@ -34,4 +52,4 @@ def ops():
           o_accum, lse_accum):
         return None
 
-    return torch.ops.flashmla_kernels
+    _OPS = torch.ops.flashmla_kernels

@@ -6,22 +6,26 @@
 
 Compute the metadata once per decode step (it depends only on cache_seqlens and s_q * h_q) and reuse it
 for every layer. Each call synchronizes with the host once, to check cache_seqlens, unless a CUDA graph
-is being captured or check_seqlens=False (as the vLLM backend passes). Neither allocates outside
-PyTorch's caching allocator, so both can be captured in CUDA graphs. Every argument is validated here, and a bad one raises TypeError/ValueError (RuntimeError
-for a GPU that is not sm90) naming the argument, what was expected and what was given.
+is being captured, torch.compile is tracing, or check_seqlens=False (as the vLLM backend passes).
+Neither allocates outside PyTorch's caching allocator, so both can be captured in CUDA graphs, and
+both trace into one graph under torch.compile(fullgraph=True). Every argument is validated here, and a
+bad one raises TypeError/ValueError (RuntimeError for a GPU that is not sm90) naming the argument, what
+was expected and what was given; while torch.compile traces, the address alignment checks are left to
+the ops themselves (a traced tensor has no address), which raise RuntimeError.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 
 import torch
 
 from ._layout import D_QK, D_ROPE, D_V, H_KV, PAGE_SIZE, SCHED_RECORD_INTS
-from ._ops import ops
+from ._ops import ops, try_load
 from .scheduler import num_sm_parts_for
+
+try_load()
 
 INT32_MAX = 2**31 - 1  # the scheduler counts pages in int32
 
@@ -53,10 +57,21 @@ def _require_contiguous(name: str, t: torch.Tensor) -> None:
         )
 
 
-@functools.cache
+_DEVICE_FACTS: dict[int, tuple[tuple[int, int], int, str]] = {}
+
+
 def _device_facts(index: int) -> tuple[tuple[int, int], int, str]:
-    props = torch.cuda.get_device_properties(index)
-    return (props.major, props.minor), props.multi_processor_count, props.name
+    # A dict rather than functools.cache, which torch.compile traces through with a warning.
+    if index not in _DEVICE_FACTS:
+        props = torch.cuda.get_device_properties(index)
+        _DEVICE_FACTS[index] = (props.major, props.minor), props.multi_processor_count, props.name
+    return _DEVICE_FACTS[index]
+
+
+def _misaligned(t: torch.Tensor) -> bool:
+    """t does not start on a 16-byte boundary. Not known while torch.compile traces (no addresses
+    then): the ops check it again when they run."""
+    return not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0
 
 
 def _require_hopper(name: str, t: torch.Tensor) -> int:
@@ -108,7 +123,7 @@ def get_mla_metadata(
         num_q_tokens_per_head_k: s_q * h_q // h_kv, query rows per request.
         num_heads_k: h_kv; MLA has exactly 1.
         check_seqlens: verify on the host that cache_seqlens are >= 0 and that their pages can be counted
-            in int32 (one sync; skipped during CUDA-graph capture). The scheduler plans in shared memory
+            in int32 (one sync; skipped during CUDA-graph capture and torch.compile tracing). The scheduler plans in shared memory
             from these counts.
 
     Returns:
@@ -138,8 +153,13 @@ def get_mla_metadata(
 
 def _seqlen_extent(cache_seqlens: torch.Tensor) -> tuple[int, int] | None:
     """(longest, total) of cache_seqlens, refusing a negative one, read with one host sync; None when
-    there is nothing to read or a CUDA graph is being captured (the values are not known then)."""
-    if cache_seqlens.numel() == 0 or (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+    there is nothing to read, a CUDA graph is being captured or torch.compile is tracing (the values are
+    not known then)."""
+    if (
+        cache_seqlens.numel() == 0
+        or torch.compiler.is_compiling()
+        or (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing())
+    ):
         return None
     shortest, longest, total = torch.stack(
         [cache_seqlens.min().long(), cache_seqlens.max().long(), cache_seqlens.sum(dtype=torch.int64)]
@@ -191,7 +211,7 @@ def _split_q(q) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _check_q_part(name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1:
         raise ValueError(f"{name}'s last dim must be contiguous (stride 1), got stride {t.stride(-1)}")
-    if any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+    if any(s % 8 for s in t.stride()[:-1]) or _misaligned(t):
         raise ValueError(
             f"{name}'s rows must be 16-byte aligned (strides multiple of 8 elements), got strides {t.stride()}"
         )
@@ -226,7 +246,8 @@ def flash_mla_with_kvcache(
         softmax_scale: defaults to 576 ** -0.5.
         causal: with s_q > 1, query t of a request sees its first seqlen - (s_q - 1 - t) keys.
         out: optional preallocated contiguous [b, s_q, h_q, 512] output of q's dtype, 16-byte aligned.
-        check_seqlens: verify cache_seqlens fit block_table (one host sync; skipped during graph capture).
+        check_seqlens: verify cache_seqlens fit block_table (one host sync; skipped during graph capture and
+            torch.compile tracing).
 
     Returns:
         out [b, s_q, h_q, 512] of q's dtype and lse [b, h_q, s_q] float32 (natural log).
@@ -289,7 +310,7 @@ def flash_mla_with_kvcache(
         raise ValueError(f"k_cache head dim must be {D_QK}, got {d_k}")
     if num_pages == 0:  # the kernels' TMA map of the cache needs at least one page
         raise ValueError("k_cache must hold at least one page, got shape " + str(tuple(k_cache.shape)))
-    if k_cache.stride(-1) != 1 or k_cache.stride(0) % 8 or k_cache.stride(1) % 8 or k_cache.data_ptr() % 16:
+    if k_cache.stride(-1) != 1 or k_cache.stride(0) % 8 or k_cache.stride(1) % 8 or _misaligned(k_cache):
         raise ValueError(
             f"k_cache must have a contiguous last dim and 16-byte aligned rows and pages, got strides {k_cache.stride()}"
         )
@@ -337,7 +358,7 @@ def flash_mla_with_kvcache(
                 f"out must be a contiguous {(b, s_q, h_q, D_V)} {q.dtype} tensor on {q.device}, got "
                 f"{tuple(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()})"
             )
-        if out.data_ptr() % 16:
+        if _misaligned(out):
             raise ValueError(
                 f"out must start at a 16-byte aligned address (the kernels store 16-byte pieces of its rows), got "
                 f"address {out.data_ptr():#x}; pass a freshly allocated tensor or a view at a multiple of 8 elements"
