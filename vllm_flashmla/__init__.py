@@ -1,7 +1,8 @@
 """vllm-flashmla: Hopper MLA decode kernels for DeepSeek models, served through vLLM.
 
-Nothing heavy is imported here: the CUDA extension loads on the first kernel call, so the vLLM
-plugin entry point stays cheap in every process vLLM starts.
+Nothing heavy is imported here: the CUDA extension loads with vllm_flashmla.interface, on the first
+lookup of get_mla_metadata or flash_mla_with_kvcache, so the vLLM plugin entry point stays cheap in
+every process vLLM starts.
 """
 
 __version__ = "0.1.0"
