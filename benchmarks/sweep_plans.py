@@ -65,7 +65,9 @@ class OrderedPlan:
     plan: SchedulePlan  # over the batch permuted by order
 
 
-def chained_parts(pages: list[int], num_sm_parts: int, budget: int, overhead: int, fill: str, slack: int) -> list[list[Piece]]:
+def chained_parts(
+    pages: list[int], num_sm_parts: int, budget: int, overhead: int, fill: str, slack: int
+) -> list[list[Piece]]:
     """The pieces of each part of a chained plan (module docstring); fill is "short" or "best"."""
     assert fill in ("short", "best") and budget > overhead
     unplaced = sorted(range(len(pages)), key=lambda r: (pages[r], r))  # ascending; the longest last
@@ -141,7 +143,8 @@ def plan_from_parts(parts: list[list[Piece]], pages: list[int], num_sm_parts: in
             records.append(idle_record(len(order)))
             continue
         (req0, first0, _), (req1, _, end1) = part[0], part[-1]
-        records.append(SchedRecord(pos_of[req0], first0, pos_of[req1], end1, num_splits[pos_of[req0]] + seen[pos_of[req0]]))
+        slot = num_splits[pos_of[req0]] + seen[pos_of[req0]]
+        records.append(SchedRecord(pos_of[req0], first0, pos_of[req1], end1, slot))
         for req, _, _ in part:
             seen[pos_of[req]] += 1
     records += [idle_record(len(order))] * (num_sm_parts - len(records))
@@ -184,7 +187,9 @@ def check_plan(plan: SchedulePlan, pages: list[int]) -> None:
             raise AssertionError(f"position {pos}: slots {[s for _, _, s in pieces]}")
 
 
-def plans_for(seqlens: list[int], num_sm_parts: int, num_q_rows: int, slacks: tuple[int, ...]) -> dict[str, OrderedPlan]:
+def plans_for(
+    seqlens: list[int], num_sm_parts: int, num_q_rows: int, slacks: tuple[int, ...]
+) -> dict[str, OrderedPlan]:
     pages = [num_pages_of(s) for s in seqlens]
     overhead = cut_overhead_pages(num_q_rows)
     budget = budget_of(pages, num_sm_parts, overhead)
@@ -215,7 +220,7 @@ def sweep_shape(shape: bd.Shape, slacks, rounds: int, reps: int, target_ms: floa
     graphs, alive = {}, []
     for name, op in plans.items():
         order = torch.tensor(op.order, device="cuda")
-        q, block_table, seqlens = inp.q[order].contiguous(), inp.block_table[order].contiguous(), inp.seqlens[order].contiguous()
+        q, block_table, seqlens = (t[order].contiguous() for t in (inp.q, inp.block_table, inp.seqlens))
         records = torch.tensor([r.to_ints() for r in op.plan.records], dtype=torch.int32, device="cuda")
         splits = torch.tensor(op.plan.num_splits, dtype=torch.int32, device="cuda")
         out = torch.empty(shape.b, shape.s_q, shape.h_q, D_V, dtype=torch.bfloat16, device="cuda")
@@ -265,8 +270,8 @@ def main() -> int:
         doc["rows"].append(row)
         write_json(args.out, doc)
         main_us = row["us"]["main"]
-        print(f"{shape.s_k:6d} {shape.h_q:4d} {shape.s_q} " + " ".join(
-            f"{name} {t:8.1f} x{main_us / t:.3f} ({row['split_pieces'][name]})" for name, t in row["us"].items()), flush=True)  # fmt: skip
+        cells = (f"{name} {t:8.1f} x{main_us / t:.3f} ({row['split_pieces'][name]})" for name, t in row["us"].items())
+        print(f"{shape.s_k:6d} {shape.h_q:4d} {shape.s_q} " + " ".join(cells), flush=True)
         torch.cuda.empty_cache()
     return 0
 

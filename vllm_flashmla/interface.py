@@ -123,8 +123,8 @@ def get_mla_metadata(
         num_q_tokens_per_head_k: s_q * h_q // h_kv, query rows per request.
         num_heads_k: h_kv; MLA has exactly 1.
         check_seqlens: verify on the host that cache_seqlens are >= 0 and that their pages can be counted
-            in int32 (one sync; skipped during CUDA-graph capture and torch.compile tracing). The scheduler plans in shared memory
-            from these counts.
+            in int32 (one sync; skipped during CUDA-graph capture and torch.compile tracing). The scheduler
+            plans in shared memory from these counts.
 
     Returns:
         tile_scheduler_metadata: int32 [num_sm_parts, 8], one record per part (csrc/sched_meta.h).
