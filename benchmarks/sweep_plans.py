@@ -6,9 +6,10 @@ varlen batch almost every part boundary cuts a request, and every cut piece writ
 that the combine reads back (docs/perf-notes.md, round 25). Plans that pack whole requests into parts
 cut fewer of them, but need the kernel to visit requests in the plan's order. That order is emulated
 here without a kernel change: the batch itself is permuted (q, block_table and cache_seqlens in the
-plan's order), the plan is a plain one over the permuted batch, and the outputs are permuted back and
-checked against the reference before anything is timed. The kernel would pay one more indirection per
-request (order[pos]) that this does not measure.
+plan's order), the plan is a plain one over the permuted batch, and the outputs of every request are
+permuted back and checked against the reference before anything is timed. What this leaves out: the
+kernel would look each request up in the plan's order (order[pos]), and the scheduler would sort the
+batch and pack it.
 
 Plans (each with the budget and cut overhead of the budget plan, sched_meta.h):
 
@@ -18,8 +19,9 @@ Plans (each with the budget and cut overhead of the budget plan, sched_meta.h):
   or best fit: the longest that fits), then, unless at most S pages of budget are left, the longest
   unplaced request is cut to fill the part. The last part takes what is left.
 
-Each plan's graph is timed on its own, in rounds that rotate the plans, and the fastest round counts
-(as the A/B rounds of bench_decode.py). Needs an sm90 GPU and the built extension (not vLLM):
+These are round 25's sketches (ties by request index, no guard on the slack), not the scheduler's own
+chained plan of branch chain-plan. Each plan's graph is timed on its own, in rounds that rotate the
+plans, and each plan's fastest round counts. Needs an sm90 GPU and the built extension (not vLLM):
 
     python benchmarks/sweep_plans.py --out /tmp/sweep_plans.json
 """
@@ -168,12 +170,18 @@ def walk(plan: SchedulePlan, pages: list[int]) -> list[list[tuple[int, int, int,
 
 
 def check_plan(plan: SchedulePlan, pages: list[int]) -> None:
-    """Raise unless the plan covers every page of every position exactly once, each request by as many
-    pieces as num_splits says, a split one's pieces writing the slots num_splits[pos] .. [pos + 1] - 1
-    once each in page order."""
+    """Raise unless the plan covers every page of every position exactly once, and no other (no piece
+    out of its request's pages, no position out of the batch), each request by as many pieces as
+    num_splits says, a split one's pieces writing the slots num_splits[pos] .. [pos + 1] - 1 once each
+    in page order."""
     covered = [[] for _ in pages]
+    for rec in plan.records:
+        if rec.begin_req <= rec.end_req and not 0 <= rec.begin_req <= rec.end_req < len(pages):
+            raise AssertionError(f"record {rec} is out of the batch's {len(pages)} positions")
     for part in walk(plan, pages):
         for pos, first, end, slot in part:
+            if not 0 <= first <= end <= pages[pos]:
+                raise AssertionError(f"position {pos} of {pages[pos]} pages has a piece [{first}, {end})")
             covered[pos].append((first, end, slot))
     for pos, pieces in enumerate(covered):
         pieces.sort()
@@ -210,11 +218,15 @@ def split_pieces(plan: SchedulePlan) -> int:
 def sweep_shape(shape: bd.Shape, slacks, rounds: int, reps: int, target_ms: float, l2_bytes: int, num_sms: int) -> dict:
     from vllm_flashmla import flash_mla_with_kvcache
     from vllm_flashmla._layout import D_V
+    from vllm_flashmla.reference import mla_decode_reference
 
     inp = bd.make_inputs(shape, 0, "cuda")
     kv, calls = bd.kv_rotation(inp, l2_bytes)
     n = len(kv)
-    base = bd.reference_baseline(inp)
+    # Every request checked (bench_decode.py's baseline has four): most cut ones are in the middle.
+    ref_out, ref_lse = mla_decode_reference(inp.q, inp.k_cache, inp.block_table, inp.seqlens, head_dim_v=D_V,
+                                            softmax_scale=inp.scale, causal=inp.causal)  # fmt: skip
+    base = bd.Baseline("reference", list(range(shape.b)), ref_out, ref_lse)
     rows = shape.s_q * shape.h_q
     plans = plans_for(inp.seqlens_cpu.tolist(), num_sm_parts_for(num_sms, rows), rows, slacks)
     graphs, alive = {}, []
@@ -232,6 +244,7 @@ def sweep_shape(shape: bd.Shape, slacks, rounds: int, reps: int, target_ms: floa
             ),
             calls,
         )  # fmt: skip
+        out.fill_(float("nan"))  # what the replay leaves unwritten fails the check
         graph.replay()
         torch.cuda.synchronize()
         back = torch.empty_like(order)

@@ -84,3 +84,16 @@ def test_the_checker_refuses_a_plan_that_drops_or_repeats_pages():
     records[i] = dataclasses.replace(split, begin_slot=split.begin_slot + 1)
     with pytest.raises(AssertionError):
         sp.check_plan(dataclasses.replace(plan, records=records), pages)
+
+
+def test_the_checker_refuses_a_piece_past_its_requests_end():
+    # Pages [0, 7) then [7, 5) of a 5-page request chain together and end at its page count, but the
+    # kernel would read block-table entries past the request's pages.
+    seqlens = [5 * 64, 64]
+    plan = sp.plans_for(seqlens, 2, 16, (0,))["main"].plan
+    records = [dataclasses.replace(plan.records[0], begin_req=0, begin_page=0, end_req=0, end_page=7),
+               dataclasses.replace(plan.records[1], begin_req=0, begin_page=7, end_req=1, end_page=1, begin_slot=1)]
+    broken_plan = dataclasses.replace(plan, records=records, num_splits=[0, 2, 3])
+    with pytest.raises(AssertionError, match=r"has a piece \[0, 7\)"):
+        sp.check_plan(broken_plan, [num_pages_of(s) for s in seqlens])
+

@@ -23,12 +23,14 @@ def ops():
 
 
 def try_load() -> None:
-    """Load the extension if it is importable; otherwise leave the error to the first ops() call. The
-    public API calls this on import, so that a compiled graph's first trace finds the ops loaded (the
-    loading itself, an import and fake registrations, cannot be traced)."""
+    """Load the extension if it loads cleanly; otherwise leave the error to the first ops() call, which
+    raises it again (an extension that is not built, or one built from other sources than this
+    package's). The public API calls this on import, so that a compiled graph's first trace finds the
+    ops loaded (the loading itself, an import and fake registrations, cannot be traced), while importing
+    the API, as vLLM does with every candidate backend when it picks one, never fails for it."""
     try:
         ops()
-    except ImportError:
+    except Exception:  # noqa: BLE001  (re-raised by ops() at the first use)
         pass
 
 
