@@ -153,22 +153,6 @@ def plan_from_parts(parts: list[list[Piece]], pages: list[int], num_sm_parts: in
     return OrderedPlan(order, SchedulePlan(records, num_splits))
 
 
-def walk(plan: SchedulePlan, pages: list[int]) -> list[list[tuple[int, int, int, int]]]:
-    """The pieces the decode kernel computes for each record (sched_meta.h: first_page, end_page,
-    partial_slot), as (position, first page, end page, slot or -1 when the position is not split)."""
-    out = []
-    for rec in plan.records:
-        part = []
-        for pos in range(rec.begin_req, rec.end_req + 1):
-            first = rec.begin_page if pos == rec.begin_req else 0
-            end = rec.end_page if pos == rec.end_req else pages[pos]
-            split = plan.num_splits[pos + 1] - plan.num_splits[pos] > 1
-            slot = (rec.begin_slot if pos == rec.begin_req else plan.num_splits[pos]) if split else -1
-            part.append((pos, first, end, slot))
-        out.append(part)
-    return out
-
-
 def check_plan(plan: SchedulePlan, pages: list[int]) -> None:
     """Raise unless the plan covers every page of every position exactly once, and no other (no piece
     out of its request's pages, no position out of the batch), each request by as many pieces as
@@ -178,11 +162,10 @@ def check_plan(plan: SchedulePlan, pages: list[int]) -> None:
     for rec in plan.records:
         if rec.begin_req <= rec.end_req and not 0 <= rec.begin_req <= rec.end_req < len(pages):
             raise AssertionError(f"record {rec} is out of the batch's {len(pages)} positions")
-    for part in walk(plan, pages):
-        for pos, first, end, slot in part:
-            if not 0 <= first <= end <= pages[pos]:
-                raise AssertionError(f"position {pos} of {pages[pos]} pages has a piece [{first}, {end})")
-            covered[pos].append((first, end, slot))
+    for _, pos, first, end, slot in plan.walk(pages):
+        if not 0 <= first <= end <= pages[pos]:
+            raise AssertionError(f"position {pos} of {pages[pos]} pages has a piece [{first}, {end})")
+        covered[pos].append((first, end, slot))
     for pos, pieces in enumerate(covered):
         pieces.sort()
         n = plan.num_splits[pos + 1] - plan.num_splits[pos]

@@ -37,9 +37,7 @@ def cpu_kernels_registered(monkeypatch):
 
     def get_mla_metadata(cache_seqlens, num_sm_parts, num_q_rows, records, num_splits):
         plan = plan_splits(cache_seqlens.tolist(), num_sm_parts, num_q_rows)
-        records.zero_()
-        records[:, :5] = torch.tensor([[r.begin_req, r.begin_page, r.end_req, r.end_page, r.begin_slot]
-                                       for r in plan.records], dtype=torch.int32)
+        records.copy_(torch.tensor([r.to_ints() for r in plan.records], dtype=torch.int32))
         num_splits.copy_(torch.tensor(plan.num_splits, dtype=torch.int32))
 
     def decode(q, q_rope, k_cache, block_table, cache_seqlens, records, num_splits, softmax_scale, causal, out, lse,

@@ -29,12 +29,9 @@ from vllm_flashmla.scheduler import (
 def covered_pages(plan, seqlens):
     """Every (request, page) a part covers, and the slots it writes for split requests."""
     seen = {}
-    for part, rec in enumerate(plan.records):
-        for req in range(rec.begin_req, rec.end_req + 1):
-            first = rec.begin_page if req == rec.begin_req else 0
-            end = rec.end_page if req == rec.end_req else num_pages_of(seqlens[req])
-            assert first < end or num_pages_of(seqlens[req]) == 0, "a part holds an empty piece of a request"
-            seen.setdefault(req, []).append((part, first, end))
+    for part, req, first, end, _ in plan.walk([num_pages_of(s) for s in seqlens]):
+        assert first < end or num_pages_of(seqlens[req]) == 0, "a part holds an empty piece of a request"
+        seen.setdefault(req, []).append((part, first, end))
     return seen
 
 
@@ -77,10 +74,7 @@ def test_split_slots_are_distinct_and_bounded(seqlens, rows, parts):
     plan = plan_splits(seqlens, parts, rows)
     assert plan.num_splits[0] == 0 and plan.num_splits == sorted(plan.num_splits)
     assert plan.num_splits[-1] <= len(seqlens) + parts, "partial buffers hold b + num_sm_parts slots"
-    slots = []
-    for rec in plan.records:
-        for req in range(rec.begin_req, rec.end_req + 1):
-            slots.append(rec.begin_slot if req == rec.begin_req else plan.num_splits[req])
+    slots = [slot for _, _, _, _, slot in plan.walk([num_pages_of(s) for s in seqlens])]
     assert len(slots) == len(set(slots))
 
 
@@ -91,11 +85,8 @@ def test_balance_within_one_request_overhead(rows):
     overhead = cut_overhead_pages(rows)
     plan = plan_splits(seqlens, parts, rows)
     cost = [0] * parts
-    for part, rec in enumerate(plan.records):
-        for req in range(rec.begin_req, rec.end_req + 1):
-            first = rec.begin_page if req == rec.begin_req else 0
-            end = rec.end_page if req == rec.end_req else num_pages_of(seqlens[req])
-            cost[part] += end - first + overhead
+    for part, _, first, end, _ in plan.walk([num_pages_of(s) for s in seqlens]):
+        cost[part] += end - first + overhead
     ideal = (sum(map(num_pages_of, seqlens)) + overhead * len(seqlens)) / parts
     assert max(cost) <= ideal + 2 * overhead + 1
 

@@ -53,11 +53,9 @@ def test_a_chained_plan_visits_a_cut_request_across_consecutive_parts():
     shape = bd.Shape(128, 8192, 64, 1, True)
     seqlens = grid_seqlens(shape)
     op = sp.plans_for(seqlens, 132, 64, (4,))["chain-best-4"]
-    walked = sp.walk(op.plan, [num_pages_of(seqlens[r]) for r in op.order])
     parts_of = {}
-    for p, part in enumerate(walked):
-        for pos, *_ in part:
-            parts_of.setdefault(pos, []).append(p)
+    for p, pos, *_ in op.plan.walk([num_pages_of(seqlens[r]) for r in op.order]):
+        parts_of.setdefault(pos, []).append(p)
     assert all(ps == list(range(ps[0], ps[0] + len(ps))) for ps in parts_of.values())
     assert max(len(ps) for ps in parts_of.values()) >= 2
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ._layout import (
     BLOCK_M,
@@ -35,6 +35,17 @@ def num_sm_parts_for(num_sms: int, num_q_tokens_per_head_k: int) -> int:
 class SchedulePlan:
     records: list[SchedRecord]
     num_splits: list[int]  # [b + 1] exclusive prefix sum of the parts covering each request
+
+    def walk(self, pages: Sequence[int]) -> Iterator[tuple[int, int, int, int, int]]:
+        """(part, request, first page, end page, slot) of every piece, as the decode kernel reads the
+        plan (csrc/sched_meta.h: first_page, end_page, partial_slot); the slot is meaningful only for a
+        split request."""
+        for part, rec in enumerate(self.records):
+            for req in range(rec.begin_req, rec.end_req + 1):
+                first = rec.begin_page if req == rec.begin_req else 0
+                end = rec.end_page if req == rec.end_req else pages[req]
+                slot = rec.begin_slot if req == rec.begin_req else self.num_splits[req]
+                yield part, req, first, end, slot
 
 
 def pieces_of(pages: int, piece_pages: int) -> int:
