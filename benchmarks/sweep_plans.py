@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -135,9 +136,7 @@ def plan_from_parts(parts: list[list[Piece]], pages: list[int], num_sm_parts: in
     for part in parts:
         for req, _, _ in part:
             pieces_of[pos_of[req]] += 1
-    num_splits = [0]
-    for n in pieces_of:
-        num_splits.append(num_splits[-1] + n)
+    num_splits = [0, *itertools.accumulate(pieces_of)]
     seen = [0] * len(order)  # pieces of each position placed so far
     records: list[SchedRecord] = []
     for part in parts:
@@ -230,8 +229,7 @@ def sweep_shape(shape: bd.Shape, slacks, rounds: int, reps: int, target_ms: floa
         out.fill_(float("nan"))  # what the replay leaves unwritten fails the check
         graph.replay()
         torch.cuda.synchronize()
-        back = torch.empty_like(order)
-        back[order] = torch.arange(len(op.order), device="cuda")
+        back = torch.argsort(order)  # the inverse permutation
         fields = bd.compare(o_out[back], o_lse[back], base)
         if "error" in fields:
             raise RuntimeError(f"{shape} under plan {name}: {fields['error']}")

@@ -10,14 +10,19 @@ compile the real kernels."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import pytest
 import torch
 
-from vllm_flashmla import interface
-from vllm_flashmla._layout import D_QK, D_V, PAGE_SIZE, SCHED_RECORD_INTS
-from vllm_flashmla.reference import mla_decode_reference
-from vllm_flashmla.scheduler import plan_splits
+sys.path.insert(0, os.path.dirname(__file__))
+from mla_cases import make_problem  # noqa: E402
+
+from vllm_flashmla import interface  # noqa: E402
+from vllm_flashmla._layout import D_QK, D_V, SCHED_RECORD_INTS  # noqa: E402
+from vllm_flashmla.reference import mla_decode_reference  # noqa: E402
+from vllm_flashmla.scheduler import num_sm_parts_for, plan_splits  # noqa: E402
 
 NUM_SMS = 132
 
@@ -65,22 +70,10 @@ def cpu_kernels(monkeypatch):
         yield
 
 
-def make_batch(seqlens, s_q=2, h_q=16, dtype=torch.bfloat16, device="cpu"):
-    gen = torch.Generator().manual_seed(0)
-    b = len(seqlens)
-    pages = [-(-s // PAGE_SIZE) for s in seqlens]
-    max_pages = max(max(pages), 1)
-    num_pages = sum(pages) + 1
-    k_cache = torch.randn(num_pages, PAGE_SIZE, 1, D_QK, generator=gen).to(dtype)
-    ids = torch.randperm(num_pages, generator=gen).to(torch.int32)
-    block_table = torch.zeros(b, max_pages, dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(pages):
-        block_table[i, :n] = ids[used : used + n]
-        used += n
-    q = torch.randn(b, s_q, h_q, D_QK, generator=gen).to(dtype)
-    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32)
-    return [t.to(device) for t in (q, k_cache, block_table, cache_seqlens)]
+def make_batch(seqlens, device="cpu"):
+    """(q, k_cache, block_table, cache_seqlens) of a causal s_q = 2, 16-head batch, poisoned as the GPU tests'."""
+    p = make_problem(len(seqlens), 2, 16, seqlens, torch.bfloat16, True, 0, device)
+    return [p.q, p.k_cache, p.block_table, p.cache_seqlens]
 
 
 def decode_step(q, k_cache, block_table, cache_seqlens):
@@ -142,7 +135,7 @@ def opcheck_args(batch):
     q, k_cache, block_table, cache_seqlens = batch
     b, s_q, h_q, _ = q.shape
     rows = s_q * h_q
-    num_sm_parts = NUM_SMS // -(-rows // 64)
+    num_sm_parts = num_sm_parts_for(NUM_SMS, rows)
     records = torch.zeros(num_sm_parts, SCHED_RECORD_INTS, dtype=torch.int32, device=q.device)
     num_splits = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
     ops = interface.ops()
@@ -163,11 +156,15 @@ def opcheck_args(batch):
 OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-def test_ops_pass_opcheck(cpu_kernels):
-    meta_args, decode_args = opcheck_args(make_batch([70, 300, 1]))
+def opcheck_ops(batch):
+    meta_args, decode_args = opcheck_args(batch)
     ops = interface.ops()
     torch.library.opcheck(ops.get_mla_metadata, meta_args, test_utils=OPCHECK_TESTS)
     torch.library.opcheck(ops.decode, decode_args, test_utils=OPCHECK_TESTS)
+
+
+def test_ops_pass_opcheck(cpu_kernels):
+    opcheck_ops(make_batch([70, 300, 1]))
 
 
 def test_cpu_kernels_are_gone_after_the_test(monkeypatch):
@@ -197,10 +194,7 @@ def test_compiled_step_on_the_gpu_matches_eager(backend):
 @pytest.mark.gpu
 def test_ops_pass_opcheck_on_the_gpu():
     _extension_ops()
-    meta_args, decode_args = opcheck_args(make_batch([70, 3000, 1], device="cuda"))
-    ops = interface.ops()
-    torch.library.opcheck(ops.get_mla_metadata, meta_args, test_utils=OPCHECK_TESTS)
-    torch.library.opcheck(ops.decode, decode_args, test_utils=OPCHECK_TESTS)
+    opcheck_ops(make_batch([70, 3000, 1], device="cuda"))
 
 
 def test_a_stale_extension_fails_the_first_use_not_the_import(monkeypatch):
